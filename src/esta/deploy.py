@@ -1,0 +1,163 @@
+"""One-stage deployment: per budget, the stitch with the highest importance, merged into plain weights and saved.
+
+A deployed stitch is a folder with ``esta_stitch.json`` (which anchors, which cut, each part's transformers config)
+and ``model.safetensors`` (plain weights: LoRA and the stitch's own biases folded in). :class:`DeployedStitch` loads
+it with no training state and runs the very same forward as the palette.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .errors import EstaError
+from .families.base import Anchor
+from .palette import Palette, run_stitch
+from .pst import plain_state_dict
+from .space import Stitch
+
+FORMAT = "esta-stitch"
+CONFIG_NAME = "esta_stitch.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+@dataclass
+class Choice:
+    budget: float  # the cost limit this choice satisfies
+    stitch_id: int
+    candidates: list[int]  # the stitches it was chosen among (its budget group)
+
+
+def choose(groups: list[list[int]], costs: list[float], score: dict[int, float] | list[float],
+           budgets: list[float] | None = None) -> list[Choice]:
+    """For each budget, the candidate with the highest ``score`` (importance for ESTA, accuracy for a sweep).
+
+    No budgets: one choice per budget group, whose budget is its costliest member. A budget ``b``: the candidates
+    are the stitches of the costliest group that has members within ``b``, restricted to cost ``<= b``.
+    """
+    def best(members: list[int]) -> int:
+        return max(members, key=lambda s: (float(score[s]), -costs[s]))  # ties: the cheaper
+
+    if budgets is None:
+        return [Choice(max(costs[s] for s in g), best(g), list(g)) for g in groups]
+    cheapest = min(costs[s] for g in groups for s in g)
+    out = []
+    for b in budgets:
+        if b < cheapest:
+            raise EstaError(f"budget {b:g} is below the cheapest stitch ({cheapest:g}): nothing fits")
+        members = next(m for g in reversed(groups) if (m := [s for s in g if costs[s] <= b]))
+        out.append(Choice(float(b), best(members), members))
+    return out
+
+
+def _anchor_class(family: str) -> type[Anchor]:
+    from .families.vision import VisionAnchor
+
+    classes = {"vision": VisionAnchor}
+    if family not in classes:
+        raise EstaError(f"unknown anchor family {family!r} in a deployed stitch")
+    return classes[family]
+
+
+def _load_plain(target: nn.Module, source: nn.Module, stitch: int) -> None:
+    """Copy ``source`` (maybe PST-adapted) into the plain ``target`` with the stitch's LoRA and biases merged."""
+    state = plain_state_dict(source, stitch)
+    for name, buf in target.state_dict().items():  # deployed q/k/v always carry a bias; a bias-less source gives 0
+        if name not in state and name.endswith("bias"):
+            state[name] = torch.zeros_like(buf)
+    target.load_state_dict(state, strict=True)
+
+
+def _part(src: Anchor, first: int, last: int, embed: bool, head: bool, stitch: int) -> Anchor:
+    part = type(src).build_part(src.spec(), first, last, embed, head)
+    dtype = next(src.blocks.parameters()).dtype
+    part.to(dtype)
+    for name, module in part.embed_modules().items():
+        _load_plain(module, src.embed_modules()[name], stitch)
+    for i in range(first, last + 1):
+        _load_plain(part.block_module(i), src.block_module(i), stitch)
+    for name, module in part.head_modules().items():
+        _load_plain(module, src.head_modules()[name], stitch)
+    return part.eval()
+
+
+class DeployedStitch(nn.Module):
+    """A stitch as a standalone network: ``model(inputs)`` gives what ``palette(inputs, stitch=id)`` gave."""
+
+    def __init__(self, stitch: Stitch, front: Anchor, end: Anchor | None, stitching: nn.Linear | None,
+                 meta: dict | None = None) -> None:
+        super().__init__()
+        self.stitch = stitch
+        self.front = front
+        self.end = end
+        self.stitching = stitching
+        self.meta = dict(meta or {})
+
+    def forward(self, inputs: Any) -> torch.Tensor:
+        return run_stitch(self.front, self.end if self.end is not None else self.front, self.stitching,
+                          self.stitch, inputs)
+
+    @classmethod
+    def from_palette(cls, palette: Palette, stitch_id: int, meta: dict | None = None) -> "DeployedStitch":
+        s = palette.space[stitch_id]
+        fa, ea = palette.anchors[s.front], palette.anchors[s.end]
+        if s.is_anchor:
+            return cls(s, _part(fa, 0, fa.depth - 1, True, True, stitch_id), None, None, meta)
+        front = _part(fa, 0, s.front_last, True, False, stitch_id)
+        end = _part(ea, s.end_first, ea.depth - 1, False, True, stitch_id)
+        src = palette.stitching[s.layer]
+        layer = nn.Linear(src.in_features, src.out_features, dtype=next(src.parameters()).dtype)
+        _load_plain(layer, src, stitch_id)
+        return cls(s, front, end, layer.eval(), meta)
+
+    def save_pretrained(self, folder: str | Path) -> Path:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        config = {
+            "format": FORMAT,
+            "version": 1,
+            "stitch": asdict(self.stitch),
+            "front": self.front.spec(),
+            "end": self.end.spec() if self.end is not None else None,
+            "stitching": [self.stitching.in_features, self.stitching.out_features] if self.stitching else None,
+            "dtype": str(next(self.parameters()).dtype).removeprefix("torch."),
+            "meta": self.meta,
+        }
+        (folder / CONFIG_NAME).write_text(json.dumps(config, indent=1))
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(folder / WEIGHTS_NAME))
+        return folder
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path) -> "DeployedStitch":
+        folder = Path(folder)
+        cfg_path, weights = folder / CONFIG_NAME, folder / WEIGHTS_NAME
+        if not cfg_path.is_file() or not weights.is_file():
+            raise EstaError(f"{folder} is not a deployed stitch (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
+        cfg = json.loads(cfg_path.read_text())
+        if cfg.get("format") != FORMAT:
+            raise EstaError(f"{cfg_path} is not an esta stitch config")
+        s = Stitch(**cfg["stitch"])
+        fspec, espec = cfg["front"], cfg["end"]
+        fcls = _anchor_class(fspec["family"])
+        if s.is_anchor:
+            front = fcls.build_part(fspec, 0, _depth(fspec) - 1, True, True)
+            end, layer = None, None
+        else:
+            front = fcls.build_part(fspec, 0, s.front_last, True, False)
+            ecls = _anchor_class(espec["family"])
+            end = ecls.build_part(espec, s.end_first, _depth(espec) - 1, False, True)
+            layer = nn.Linear(*cfg["stitching"])
+        model = cls(s, front, end, layer, cfg.get("meta"))
+        model.to(getattr(torch, cfg.get("dtype", "float32")))
+        model.load_state_dict(load_file(str(weights)), strict=True)
+        return model.eval()
+
+
+def _depth(spec: dict) -> int:
+    return int(spec["config"]["num_hidden_layers"])

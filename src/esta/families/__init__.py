@@ -1,0 +1,92 @@
+"""Load a family of anchors (hub ids or local folders) and check that they can be stitched."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig
+
+from ..errors import EstaError
+from .base import Anchor
+from .vision import PREFIX_TOKENS, VISION_MODELS, VisionAnchor, load_vision_anchor
+
+__all__ = ["Anchor", "VisionAnchor", "load_anchor", "load_family", "family_kind", "MINI_FAMILY", "mini_family_paths"]
+
+#: esta's own pretrained mini DeiT family (Fashion-MNIST), shipped inside the package.
+MINI_FAMILY = "esta-mini"
+_MINI_NAMES = ("mini-deit-ti", "mini-deit-s", "mini-deit-b")
+
+
+def mini_family_paths() -> list[str]:
+    root = Path(__file__).resolve().parent.parent / "pretrained"
+    return [str(root / n) for n in _MINI_NAMES]
+
+
+def _config(source: str) -> tuple[object, bool]:
+    local = Path(source).exists()
+    # A hub id is "name" or "org/name"; anything else that is not on disk is a missing folder.
+    if not local and (source.startswith((".", "/", "~")) or source.count("/") > 1):
+        raise EstaError(f"anchor folder {source!r} does not exist")
+    if local and not (Path(source) / "config.json").is_file():
+        raise EstaError(f"anchor folder {source!r} has no config.json (expected a transformers checkpoint folder)")
+    try:
+        config = AutoConfig.from_pretrained(source, local_files_only=local, trust_remote_code=False)
+    except Exception as e:  # noqa: BLE001 - any failure here means "cannot find/read this model"
+        where = "folder" if local else "hub id (no such local folder; is the model hub reachable?)"
+        raise EstaError(f"cannot load anchor {source!r} as a {where}: {e}") from e
+    return config, local
+
+
+def family_kind(config: object) -> str:
+    if getattr(config, "model_type", None) in VISION_MODELS:
+        return "vision"
+    raise EstaError(
+        f"model type {getattr(config, 'model_type', '?')!r} is not supported as an anchor; "
+        f"vision anchors: {', '.join(sorted(VISION_MODELS))}"
+    )
+
+
+def load_anchor(source: str, num_labels: int | None = None, dtype: torch.dtype = torch.float32) -> Anchor:
+    config, local = _config(source)
+    if family_kind(config) == "vision":
+        return load_vision_anchor(source, config, num_labels, local, dtype)
+    raise AssertionError("unreachable")
+
+
+def load_family(sources: list[str] | str, num_labels: int | None = None,
+                dtype: torch.dtype = torch.float32) -> list[Anchor]:
+    """Anchors sorted from small to large, after checking that they can be stitched.
+
+    ``sources``: hub ids / folders, or ``"esta-mini"`` for the shipped mini DeiT family. Vision anchors must agree on
+    image size, patch size, channels and the number of prefix tokens; anything else is refused naming the mismatch.
+    """
+    if isinstance(sources, str):
+        sources = mini_family_paths() if sources == MINI_FAMILY else [sources]
+    sources = [s for part in sources for s in (mini_family_paths() if part == MINI_FAMILY else [part])]
+    if len(sources) < 2:
+        raise EstaError(f"a family needs two or more anchors, got {len(sources)}")
+    configs = [_config(s)[0] for s in sources]  # check every source before loading any weights
+    kinds = {family_kind(c) for c in configs}
+    if len(kinds) > 1:
+        raise EstaError(f"cannot stitch anchors of different kinds: {sorted(kinds)}")
+    if kinds == {"vision"}:
+        _check_vision(sources, configs)
+    anchors = [load_anchor(s, num_labels, dtype) for s in sources]
+    return sorted(anchors, key=lambda a: sum(p.numel() for p in a.blocks.parameters()))
+
+
+def _check_vision(sources: list[str], configs: list) -> None:
+    def fields(c) -> dict:
+        as_int = lambda v: int(v if isinstance(v, int) else v[0])  # noqa: E731
+        return {"image_size": as_int(c.image_size), "patch_size": as_int(c.patch_size),
+                "num_channels": int(c.num_channels), "prefix tokens": PREFIX_TOKENS[c.model_type]}
+
+    ref = fields(configs[0])
+    for src, c in zip(sources[1:], configs[1:]):
+        for k, v in fields(c).items():
+            if v != ref[k]:
+                raise EstaError(
+                    f"anchors cannot be stitched: {k} differs ({sources[0]}: {ref[k]}, {src}: {v}); "
+                    "every anchor of a vision family needs the same image size, patch size, channels and prefix tokens"
+                )

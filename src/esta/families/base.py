@@ -1,0 +1,123 @@
+"""What every anchor exposes to esta: ``embed -> blocks -> head``, the same way for vision and language.
+
+An :class:`Anchor` wraps the modules of one pretrained transformers model (references, never copies) and knows how
+to run them piece by piece, so that a stitch can run the first blocks of one anchor and the last blocks of another.
+An anchor can also be a *part* of a model: a deployed stitch keeps only the front anchor's embedding and first blocks
+and the end anchor's last blocks and head; ``first_block`` says where the kept blocks start.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import EstaError
+
+
+class Anchor(nn.Module):
+    """One pretrained model of a family, seen as embed / blocks / head.
+
+    Subclasses implement :meth:`embed`, :meth:`context`, :meth:`block`, :meth:`head` and :meth:`spec`.
+    ``depth`` is the depth of the whole pretrained model even when this object holds only some of its blocks.
+    """
+
+    family: str = ""
+    #: Linear layers that PST adapts with the shared LoRA when the user names none.
+    default_lora_targets: tuple[str, ...] = ()
+
+    def __init__(self, config: Any, blocks: nn.ModuleList, first_block: int = 0, source: str = "") -> None:
+        super().__init__()
+        self.config = config
+        self.blocks = blocks
+        self.first_block = first_block
+        self.source = source
+
+    # -- the pieces a stitch runs -------------------------------------------------------------------------------
+    @property
+    def depth(self) -> int:
+        return int(self.config.num_hidden_layers)
+
+    @property
+    def width(self) -> int:
+        return int(self.config.hidden_size)
+
+    def block_module(self, i: int) -> nn.Module:
+        return self.blocks[i - self.first_block]
+
+    def embed(self, inputs: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+    def context(self, inputs: Any, hidden: torch.Tensor) -> Any:
+        """Whatever this anchor's blocks need beside the hidden states (masks, rotary tables, a KV cache)."""
+        return None
+
+    def block(self, i: int, hidden: torch.Tensor, ctx: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+    def head(self, hidden: torch.Tensor, ctx: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, inputs: Any) -> torch.Tensor:
+        """The anchor alone, as pretrained (with its current head)."""
+        h = self.embed(inputs)
+        ctx = self.context(inputs, h)
+        for i in range(self.depth):
+            h = self.block(i, h, ctx)
+        return self.head(h, ctx)
+
+    @torch.no_grad()
+    def hidden_states(self, inputs: Any) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """The embedding output and every block's output (``depth + 1`` tensors), and a token mask or ``None``.
+
+        The least-squares init of the stitching layers fits on these; the mask drops padding tokens.
+        """
+        h = self.embed(inputs)
+        ctx = self.context(inputs, h)
+        out = [h]
+        for i in range(self.depth):
+            h = self.block(i, h, ctx)
+            out.append(h)
+        return out, self.token_mask(inputs)
+
+    def token_mask(self, inputs: Any) -> torch.Tensor | None:
+        return None
+
+    def embed_modules(self) -> dict[str, nn.Module]:
+        """The modules :meth:`embed` runs, by attribute name (empty in a part that has no embedding)."""
+        raise NotImplementedError
+
+    def head_modules(self) -> dict[str, nn.Module]:
+        """The modules :meth:`head` runs, by attribute name (empty in a part that has no head)."""
+        raise NotImplementedError
+
+    def task_head(self) -> nn.Module | None:
+        """The new, trainable output layer for the target task, or ``None`` when the head stays frozen."""
+        return None
+
+    # -- saving a part of this anchor inside a deployed stitch -------------------------------------------------
+    def spec(self) -> dict:
+        """JSON-able description from which :meth:`build_part` rebuilds a part of this anchor."""
+        raise NotImplementedError
+
+    @classmethod
+    def build_part(cls, spec: dict, first_block: int, last_block: int, embed: bool, head: bool) -> "Anchor":
+        """Empty modules for blocks ``first_block..last_block`` (and the embedding / head if asked), to load into."""
+        raise NotImplementedError
+
+
+def import_transformers_class(path: str) -> type:
+    """Import a class named in a saved stitch, only from transformers: a saved file must never run other code."""
+    module, _, name = path.rpartition(".")
+    if not module.startswith("transformers.models."):
+        raise EstaError(f"refusing to load class {path!r}: deployed stitches may only name transformers model classes")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise EstaError(f"class {path!r} named in the deployed stitch is not in this transformers version: {e}") from e
+
+
+def class_path(obj: object) -> str:
+    return f"{type(obj).__module__}.{type(obj).__qualname__}"

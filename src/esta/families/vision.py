@@ -1,0 +1,195 @@
+"""Vision transformers from transformers (ViT, DeiT) as anchors.
+
+The anchor takes raw images (uint8 or float in [0, 1], ``[B, C, H, W]`` at the model's size) and applies its own
+preprocessing (the mean and std of its ``preprocessor_config.json``), so a stitch normalises its input the way its
+front anchor was pretrained. The head is the anchor's final LayerNorm, the first ([CLS]) token, and a task
+classifier: a new one for the target task, or the pretrained one.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoConfig, DeiTModel, PretrainedConfig, ViTModel
+
+from ..errors import EstaError
+from .base import Anchor, class_path, import_transformers_class
+
+VISION_MODELS: dict[str, type] = {"vit": ViTModel, "deit": DeiTModel}
+#: prefix tokens before the patches ([CLS], and DeiT's distillation token): stitched anchors must agree.
+PREFIX_TOKENS = {"vit": 1, "deit": 2}
+
+
+class VisionAnchor(Anchor):
+    family = "vision"
+    # transformers >= 5 names ViT/DeiT attention projections q_proj/k_proj/v_proj.
+    default_lora_targets = ("q_proj", "k_proj", "v_proj")
+
+    def __init__(
+        self,
+        config: PretrainedConfig,
+        embeddings: nn.Module | None,
+        blocks: nn.ModuleList,
+        norm: nn.Module | None,
+        classifier: nn.Module | None,
+        image_mean: list[float],
+        image_std: list[float],
+        first_block: int = 0,
+        source: str = "",
+    ) -> None:
+        super().__init__(config, blocks, first_block, source)
+        self.embeddings = embeddings
+        self.norm = norm
+        self.classifier = classifier
+        c = int(config.num_channels)
+        self.image_mean = list(image_mean)
+        self.image_std = list(image_std)
+        self.register_buffer("_mean", torch.tensor(self.image_mean, dtype=torch.float32).view(1, c, 1, 1), False)
+        self.register_buffer("_std", torch.tensor(self.image_std, dtype=torch.float32).view(1, c, 1, 1), False)
+
+    # -- properties a family must agree on ---------------------------------------------------------------------
+    @property
+    def image_size(self) -> int:
+        s = self.config.image_size
+        return int(s if isinstance(s, int) else s[0])
+
+    @property
+    def patch_size(self) -> int:
+        s = self.config.patch_size
+        return int(s if isinstance(s, int) else s[0])
+
+    @property
+    def num_channels(self) -> int:
+        return int(self.config.num_channels)
+
+    @property
+    def num_labels(self) -> int:
+        return int(self.classifier.out_features) if isinstance(self.classifier, nn.Linear) else 0
+
+    # -- the pieces --------------------------------------------------------------------------------------------
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+        x = (x - self._mean) / self._std
+        return x.to(self._param_dtype())
+
+    def embed(self, inputs: torch.Tensor) -> torch.Tensor:
+        if inputs.dim() != 4 or inputs.shape[1] != self.num_channels or inputs.shape[-1] != self.image_size:
+            raise EstaError(
+                f"images must be [batch, {self.num_channels}, {self.image_size}, {self.image_size}], "
+                f"got {list(inputs.shape)}"
+            )
+        return self.embeddings(self.preprocess(inputs))
+
+    def block(self, i: int, hidden: torch.Tensor, ctx: Any) -> torch.Tensor:
+        return self.block_module(i)(hidden)
+
+    def head(self, hidden: torch.Tensor, ctx: Any) -> torch.Tensor:
+        return self.classifier(self.norm(hidden)[:, 0])
+
+    def embed_modules(self) -> dict[str, nn.Module]:
+        return {"embeddings": self.embeddings} if self.embeddings is not None else {}
+
+    def head_modules(self) -> dict[str, nn.Module]:
+        return {"norm": self.norm, "classifier": self.classifier} if self.classifier is not None else {}
+
+    def task_head(self) -> nn.Module | None:
+        return self.classifier
+
+    def _param_dtype(self) -> torch.dtype:
+        return next(self.blocks.parameters()).dtype
+
+    def new_task_head(self, num_labels: int) -> None:
+        """Replace the classifier by a fresh one for ``num_labels`` classes (trunc-normal, std 0.02, as ViT)."""
+        head = nn.Linear(self.width, num_labels, dtype=self._param_dtype())
+        nn.init.trunc_normal_(head.weight, std=0.02)
+        nn.init.zeros_(head.bias)
+        self.classifier = head
+
+    # -- saving parts ------------------------------------------------------------------------------------------
+    def spec(self) -> dict:
+        config = self.config.to_dict()
+        # Merged stitch-specific biases need a bias on every adapted projection.
+        config["qkv_bias"] = True
+        return {
+            "family": self.family,
+            "config": config,
+            "embeddings_class": class_path(self.embeddings),
+            "block_class": class_path(self.blocks[0]),
+            "num_labels": self.num_labels,
+            "image_mean": self.image_mean,
+            "image_std": self.image_std,
+            "source": self.source,
+        }
+
+    @classmethod
+    def build_part(cls, spec: dict, first_block: int, last_block: int, embed: bool, head: bool) -> "VisionAnchor":
+        cfg = dict(spec["config"])
+        config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+        config._attn_implementation = "sdpa"  # what from_pretrained picks on CPU; standalone modules get none
+        block_cls = import_transformers_class(spec["block_class"])
+        blocks = nn.ModuleList([block_cls(config) for _ in range(first_block, last_block + 1)])
+        embeddings = import_transformers_class(spec["embeddings_class"])(config) if embed else None
+        norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if head else None
+        classifier = nn.Linear(config.hidden_size, spec["num_labels"]) if head else None
+        return cls(config, embeddings, blocks, norm, classifier, spec["image_mean"], spec["image_std"],
+                   first_block=first_block, source=spec.get("source", ""))
+
+
+def _preprocessing(source: str, config: PretrainedConfig, local: bool) -> tuple[list[float], list[float]]:
+    """Image mean/std from the checkpoint's ``preprocessor_config.json``; ViT's 0.5/0.5 when it has none."""
+    data = None
+    if local:
+        p = Path(source) / "preprocessor_config.json"
+        if p.is_file():
+            data = json.loads(p.read_text())
+    else:
+        try:
+            from transformers.utils import cached_file
+
+            f = cached_file(source, "preprocessor_config.json", _raise_exceptions_for_missing_entries=False)
+            data = json.loads(Path(f).read_text()) if f else None
+        except Exception:  # noqa: BLE001 - a missing processor file only means the defaults apply
+            data = None
+    c = int(config.num_channels)
+    mean = (data or {}).get("image_mean", [0.5] * c)
+    std = (data or {}).get("image_std", [0.5] * c)
+    mean = [float(v) for v in (mean if isinstance(mean, list) else [mean] * c)]
+    std = [float(v) for v in (std if isinstance(std, list) else [std] * c)]
+    if len(mean) != c or len(std) != c:
+        raise EstaError(f"{source}: preprocessor_config.json has {len(mean)} mean values for {c} channels")
+    return mean, std
+
+
+def load_vision_anchor(source: str, config: PretrainedConfig, num_labels: int | None, local: bool,
+                       dtype: torch.dtype = torch.float32) -> VisionAnchor:
+    """A ViT/DeiT anchor from a hub id or a local folder (any ``*Model`` / ``*ForImageClassification`` checkpoint).
+
+    ``num_labels`` given: a new task head for that many classes. ``None``: keep the pretrained classifier.
+    """
+    classifier = None
+    if num_labels is None:
+        from transformers import AutoModelForImageClassification
+
+        if not any(a.endswith("ForImageClassification") for a in (config.architectures or [])):
+            raise EstaError(f"{source} has no image-classification head: give the number of target classes")
+        full = AutoModelForImageClassification.from_pretrained(source, dtype=dtype, local_files_only=local)
+        model = getattr(full, full.base_model_prefix)
+        classifier = getattr(full, "classifier", None) or getattr(full, "cls_classifier", None)
+        if not isinstance(classifier, nn.Linear):
+            raise EstaError(f"{source}: cannot find a linear classifier head")
+    else:
+        # The base model loads from classification checkpoints too (their "vit."/"deit." prefix is stripped).
+        model = VISION_MODELS[config.model_type].from_pretrained(
+            source, add_pooling_layer=False, dtype=dtype, local_files_only=local
+        )
+    model.requires_grad_(False)
+    mean, std = _preprocessing(source, config, local)
+    anchor = VisionAnchor(model.config, model.embeddings, model.layers, model.layernorm, classifier, mean, std,
+                          source=source)
+    if num_labels is not None:
+        anchor.new_task_head(num_labels)
+    return anchor

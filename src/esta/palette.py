@@ -1,0 +1,135 @@
+"""The stitched network: one module that runs any stitch of the space over shared anchors and stitching layers."""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from .errors import EstaError
+from .families.base import Anchor
+from .pst import ActiveStitch, PSTConfig, StitchLinear, wrap_linears
+from .space import Stitch, StitchSpace, build_space
+from .stitching import init_least_squares, make_stitching_layers
+
+
+def run_stitch(front: Anchor, end: Anchor, stitching: nn.Module | None, stitch: Stitch, inputs: Any) -> torch.Tensor:
+    """Embed with the front anchor, run its blocks ``0..j``, map, run the end anchor's blocks ``m..`` and its head.
+
+    The one forward of a stitch, shared by the palette and by a deployed stitch, so the two agree by construction.
+    """
+    h = front.embed(inputs)
+    ctx = front.context(inputs, h)
+    if stitch.is_anchor:
+        for i in range(front.depth):
+            h = front.block(i, h, ctx)
+        return front.head(h, ctx)
+    for i in range(stitch.front_last + 1):
+        h = front.block(i, h, ctx)
+    h = stitching(h)
+    ctx = end.context(inputs, h)  # each anchor keeps its own masks / rotary tables / cache
+    for i in range(stitch.end_first, end.depth):
+        h = end.block(i, h, ctx)
+    return end.head(h, ctx)
+
+
+class Palette(nn.Module):
+    """Anchors + stitching layers + the stitch space; ``palette(inputs, stitch=k)`` runs stitch ``k``."""
+
+    def __init__(self, anchors: list[Anchor], space: StitchSpace | None = None, *, kernel: int = 2,
+                 stride: int = 1, pairing: str = "nearest", two_way: bool = False) -> None:
+        super().__init__()
+        if len(anchors) < 2:
+            raise EstaError(f"a palette needs two or more anchors, got {len(anchors)}")
+        self.anchors = nn.ModuleList(anchors)
+        depths = [a.depth for a in anchors]
+        self.space = space or build_space(depths, kernel=kernel, stride=stride, pairing=pairing, two_way=two_way)
+        if list(self.space.depths) != depths:
+            raise EstaError(f"stitch space depths {list(self.space.depths)} do not match the anchors' {depths}")
+        dtype = next(anchors[0].blocks.parameters()).dtype
+        self.stitching = make_stitching_layers(self.space, [a.width for a in anchors], dtype)
+        self.stitching.requires_grad_(False)
+        self.active = ActiveStitch()
+        self.pst: PSTConfig | None = None
+
+    def __len__(self) -> int:
+        return len(self.space)
+
+    def forward(self, inputs: Any, stitch: int) -> torch.Tensor:
+        s = self.space[stitch]
+        self.active.id = stitch
+        layer = self.stitching[s.layer] if s.layer is not None else None
+        return run_stitch(self.anchors[s.front], self.anchors[s.end], layer, s, inputs)
+
+    @torch.no_grad()
+    def init_stitching(self, inputs: Any) -> None:
+        """Least-squares init of every stitching layer on one calibration batch."""
+        hidden, masks = zip(*(a.hidden_states(inputs) for a in self.anchors))
+        init_least_squares(self.stitching, self.space, list(hidden), list(masks))
+
+    # -- which parameters a stitch runs through -----------------------------------------------------------------
+    def uses_block(self, s: Stitch, anchor: int, block: int) -> bool:
+        if s.is_anchor:
+            return s.front == anchor
+        return (s.front == anchor and block <= s.front_last) or (s.end == anchor and block >= s.end_first)
+
+    def path_modules(self, stitch: int) -> Iterator[nn.Module]:
+        s = self.space[stitch]
+        front, end = self.anchors[s.front], self.anchors[s.end]
+        yield from front.embed_modules().values()
+        last = front.depth - 1 if s.is_anchor else s.front_last
+        for i in range(last + 1):
+            yield front.block_module(i)
+        if not s.is_anchor:
+            yield self.stitching[s.layer]
+            for i in range(s.end_first, end.depth):
+                yield end.block_module(i)
+        yield from end.head_modules().values()
+
+    def path_parameters(self, stitch: int) -> list[nn.Parameter]:
+        """Trainable parameters on the stitch's path; of the stitch-specific biases, only its own."""
+        seen: set[int] = set()
+        out: list[nn.Parameter] = []
+        for module in self.path_modules(stitch):
+            others = set()
+            for sub in module.modules():
+                if isinstance(sub, StitchLinear):
+                    own = sub.own_bias(stitch)
+                    others |= {id(p) for p in sub.stitch_bias.values() if p is not own}
+            for p in module.parameters():
+                if p.requires_grad and id(p) not in seen and id(p) not in others:
+                    seen.add(id(p))
+                    out.append(p)
+        return out
+
+    # -- PST ----------------------------------------------------------------------------------------------------
+    def apply_pst(self, config: PSTConfig) -> None:
+        """Make the palette trainable as ``config`` says; call once, after :meth:`init_stitching`."""
+        if self.pst is not None:
+            raise EstaError("PST was already applied to this palette")
+        self.pst = config
+        self.requires_grad_(False)
+        for anchor in self.anchors:
+            if anchor.task_head() is not None:  # a new task head always trains (an LLM's LM head does not)
+                anchor.task_head().requires_grad_(True)
+        if config.full_finetune:
+            self.requires_grad_(True)
+            return
+        for a, anchor in enumerate(self.anchors):
+            targets = config.lora_targets or anchor.default_lora_targets
+            for i in range(anchor.depth):
+                users = [s.id for s in self.space.stitches if self.uses_block(s, a, i)]
+                if not wrap_linears(anchor.block_module(i), targets, config.lora_rank, config.lora_alpha,
+                                    self.active, users, config.bias):
+                    raise EstaError(f"anchor {a} block {i} has no linear layer named any of {list(targets)}")
+        for key in list(self.stitching.keys()):
+            users = [s.id for s in self.space.cuts_of_layer(key)]
+            self.stitching[key] = StitchLinear(self.stitching[key], config.stitch_lora_rank,
+                                               config.stitch_lora_alpha, self.active, users, config.bias)
+
+    def trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def total_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,129 @@
+"""PST, parameter-efficient stitch fine-tuning: shared LoRA plus stitch-specific biases, merged away at deployment.
+
+Every adapted linear layer (the attention projections of every anchor block, and every stitching layer) becomes a
+:class:`StitchLinear`: the frozen pretrained (or least-squares) weight, one low-rank update shared by every stitch
+that runs the layer, and one bias vector per stitch, of which only the active stitch's is used. Each stitch's bias is
+its own ``nn.Parameter``, so a step of stitch *s* leaves every other stitch's bias untouched: parameters that took no
+part in the forward get no gradient, and torch optimizers skip parameters whose ``.grad`` is ``None``.
+
+We write this layer rather than use PEFT's ``LoraLayer`` because PEFT has no notion of an active stitch selecting a
+bias; the split follows PEFT's (config / layer / injection) and adaptation state lives beside the frozen weight.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Iterable, Literal
+
+import torch
+from torch import nn
+
+from .errors import EstaError
+
+BiasMode = Literal["per-stitch", "shared", "none"]
+
+
+@dataclass
+class PSTConfig:
+    """What PST adapts. Defaults are DESIGN.md's (rank 8 / alpha 16 on q/k/v; rank 16 on stitching layers)."""
+
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    #: names of the linear layers inside each block to adapt; empty = the family's default (q/k/v projections)
+    lora_targets: tuple[str, ...] = ()
+    stitch_lora_rank: int = 16
+    stitch_lora_alpha: float = 16.0
+    #: "per-stitch" (ESTA), "shared" (one bias for all stitches: the ablation), "none"
+    bias: BiasMode = "per-stitch"
+    #: SN-Net direct adaptation: no LoRA, no biases; anchors and stitching layers are fully trainable
+    full_finetune: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class ActiveStitch:
+    """The stitch the palette is running; every :class:`StitchLinear` reads it to pick its bias."""
+
+    id: int = -1
+
+
+class StitchLinear(nn.Module):
+    """``y = W x + b + (alpha/r) B A x + bias[active stitch]`` with ``W, b`` frozen."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, active: ActiveStitch,
+                 stitch_ids: Iterable[int], bias: BiasMode = "per-stitch") -> None:
+        super().__init__()
+        if rank < 1:
+            raise EstaError(f"LoRA rank must be >= 1, got {rank}")
+        self.base = base.requires_grad_(False)
+        dtype, device = base.weight.dtype, base.weight.device
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, dtype=dtype, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, dtype=dtype, device=device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as LoRA/PEFT: B = 0 so the start is the base model
+        self.scaling = alpha / rank
+        self.bias_mode = bias
+        keys = {"per-stitch": [str(s) for s in stitch_ids], "shared": ["shared"], "none": []}[bias]
+        self.stitch_bias = nn.ParameterDict(
+            {k: nn.Parameter(torch.zeros(base.out_features, dtype=dtype, device=device)) for k in keys}
+        )
+        self.active = active  # a plain attribute, shared with the palette: not a submodule, not saved
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    def own_bias(self, stitch: int) -> nn.Parameter | None:
+        key = "shared" if self.bias_mode == "shared" else str(stitch)
+        return self.stitch_bias[key] if key in self.stitch_bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x) + (x @ self.lora_A.t() @ self.lora_B.t()) * self.scaling
+        b = self.own_bias(self.active.id)
+        return y if b is None else y + b
+
+    @torch.no_grad()
+    def merged(self, stitch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Plain weight and bias of this layer for one stitch: what a deployed stitch holds."""
+        w = self.base.weight + (self.lora_B @ self.lora_A) * self.scaling
+        b = self.base.bias.clone() if self.base.bias is not None else torch.zeros_like(w[:, 0])
+        own = self.own_bias(stitch)
+        return w, (b if own is None else b + own)
+
+
+def wrap_linears(module: nn.Module, targets: Iterable[str], rank: int, alpha: float, active: ActiveStitch,
+                 stitch_ids: Iterable[int], bias: BiasMode) -> list[StitchLinear]:
+    """Replace every ``nn.Linear`` under ``module`` whose attribute name is in ``targets`` by a StitchLinear."""
+    targets, stitch_ids = set(targets), list(stitch_ids)
+    wrapped = []
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if name in targets and isinstance(child, nn.Linear):
+                layer = StitchLinear(child, rank, alpha, active, stitch_ids, bias)
+                setattr(parent, name, layer)
+                wrapped.append(layer)
+    return wrapped
+
+
+def plain_state_dict(module: nn.Module, stitch: int) -> dict[str, torch.Tensor]:
+    """``module``'s state as the plain (unadapted) module class expects it, with LoRA and ``stitch``'s biases merged.
+
+    Each ``StitchLinear`` at ``prefix`` becomes ``prefix.weight`` / ``prefix.bias``; everything else is copied.
+    """
+    out: dict[str, torch.Tensor] = {}
+    wrapped = {name: m for name, m in module.named_modules() if isinstance(m, StitchLinear)}
+    for name, m in wrapped.items():
+        w, b = m.merged(stitch)
+        out[f"{name}.weight" if name else "weight"] = w.detach().clone()
+        out[f"{name}.bias" if name else "bias"] = b.detach().clone()
+    inside = tuple(f"{n}." for n in wrapped if n) if "" not in wrapped else ("",)
+    for key, value in module.state_dict().items():
+        if not key.startswith(inside):
+            out[key] = value.detach().clone()
+    return out

@@ -1,0 +1,53 @@
+"""Stitching layers: a linear map from the front anchor's width to the end anchor's, fitted by least squares.
+
+SN-Net's initialisation: on one calibration batch, X = the tokens leaving front block ``j`` and Y = the tokens that
+end block ``m`` normally receives (the output of end block ``m-1``, or the end anchor's embedding when ``m = 0``);
+solve ``[X 1] W ~= Y`` in float64, and average the solutions of all cuts that share the layer.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .space import StitchSpace
+
+
+def least_squares(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight ``[d_out, d_in]`` and bias ``[d_out]`` minimising ``|x W^T + b - y|`` over the rows of x, y."""
+    x = x.reshape(-1, x.shape[-1]).double()
+    y = y.reshape(-1, y.shape[-1]).double()
+    ones = torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)
+    # gelsd (SVD based) copes with rank-deficient features; the CPU default (gelsy) also does, gels would not.
+    sol = torch.linalg.lstsq(torch.cat([x, ones], dim=1), y, driver="gelsd" if x.device.type == "cpu" else None)
+    wb = sol.solution  # [d_in + 1, d_out]
+    return wb[:-1].t().contiguous(), wb[-1].contiguous()
+
+
+def make_stitching_layers(space: StitchSpace, widths: list[int], dtype: torch.dtype = torch.float32) -> nn.ModuleDict:
+    return nn.ModuleDict({
+        key: nn.Linear(widths[a], widths[b], dtype=dtype) for key, (a, b) in space.layers.items()
+    })
+
+
+@torch.no_grad()
+def init_least_squares(layers: nn.ModuleDict, space: StitchSpace,
+                       hidden: list[list[torch.Tensor]], masks: list[torch.Tensor | None]) -> None:
+    """Fit every stitching layer from per-anchor hidden states (``hidden[a][k]``: input of block ``k`` of anchor a).
+
+    ``masks[a]`` (``[batch, tokens]`` bool or None) selects the tokens to fit on, e.g. no padding.
+    """
+    for key, layer in layers.items():
+        ws, bs = [], []
+        for cut in space.cuts_of_layer(key):
+            a, b = cut.front, cut.end
+            x = hidden[a][cut.front_last + 1]  # output of front block j
+            y = hidden[b][cut.end_first]  # input of end block m
+            mask = masks[a] if masks[a] is not None else masks[b]
+            if mask is not None:
+                x, y = x[mask], y[mask]
+            w, bias = least_squares(x, y)
+            ws.append(w)
+            bs.append(bias)
+        layer.weight.copy_(torch.stack(ws).mean(0).to(layer.weight.dtype))
+        layer.bias.copy_(torch.stack(bs).mean(0).to(layer.bias.dtype))

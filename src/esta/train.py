@@ -1,0 +1,225 @@
+"""The one training loop: sample a stitch -> forward -> loss -> backward -> score -> step, on Accelerate.
+
+Every process samples the same stitch at every step (same seeded generator, and the main process's choice is
+broadcast), runs it on its own shard of the batch, and gradients are averaged by DDP, so several processes are a
+launch option (``accelerate launch --num_processes N``), not another code path.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, broadcast, set_seed
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm.auto import tqdm
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .errors import EstaError
+from .importance import ImportanceSampler, SamplingConfig, budget_groups, snip_score
+from .palette import Palette
+
+log = logging.getLogger("esta.train")
+
+LossFn = Callable[[Callable[..., torch.Tensor], Any, int], torch.Tensor]
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = 30.0  # passes over the training set (all stitches together)
+    steps: int | None = None  # overrides epochs when given
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 1e-4  # on LoRA and head weights; never on biases
+    warmup_steps: int = 20
+    seed: int = 0
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    score_init_batch: bool = True  # initialise I(s) from one scoring batch before training
+    checkpoint_every: int = 200  # steps; 0 = only at the end
+    num_workers: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    seconds: float
+    trainable_params: int
+    total_params: int
+    peak_rss_mb: float
+    final_loss: float
+    importance: list[float]
+    updates: list[int]
+    groups: list[list[int]]
+
+
+def classification_loss(model: Callable[..., torch.Tensor], batch: Any, stitch: int) -> torch.Tensor:
+    images, labels = batch
+    return F.cross_entropy(model(images, stitch=stitch), labels)
+
+
+class ResumableBatches(Sampler[list[int]]):
+    """Epoch-seeded shuffled batches from ``start_step`` on; this process's share of each global batch.
+
+    Our own order (instead of ``accelerator.prepare(dataloader)``) so that a resumed run sees the same batches
+    as an uninterrupted one.
+    """
+
+    def __init__(self, n: int, batch_size: int, steps: int, seed: int, start_step: int = 0,
+                 rank: int = 0, world: int = 1) -> None:
+        if n < batch_size:
+            raise EstaError(f"the training set has {n} examples, fewer than one batch of {batch_size}")
+        self.n, self.batch_size, self.steps, self.seed = n, batch_size, steps, seed
+        self.start_step, self.rank, self.world = start_step, rank, world
+        self.per_epoch = n // batch_size
+
+    def __len__(self) -> int:
+        return self.steps - self.start_step
+
+    def __iter__(self) -> Iterator[list[int]]:
+        epoch, perm = -1, None
+        for step in range(self.start_step, self.steps):
+            e, k = divmod(step, self.per_epoch)
+            if e != epoch:
+                epoch = e
+                perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + e))
+            batch = perm[k * self.batch_size:(k + 1) * self.batch_size]
+            yield batch[self.rank::self.world].tolist()
+
+
+def _warmup_cosine(warmup: int, total: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+    return factor
+
+
+def _param_groups(palette: Palette, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for p in palette.parameters():
+        if p.requires_grad:
+            (no_decay if p.dim() < 2 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _to(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, dict):
+        return {k: _to(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to(v, device) for v in batch)
+    return batch
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+
+
+def train(palette: Palette, train_set: Dataset, costs: list[float], config: TrainConfig, *,
+          loss_fn: LossFn = classification_loss, out_dir: str | Path | None = None, resume: bool = False,
+          accelerator: Accelerator | None = None, collate_fn: Callable | None = None,
+          progress: bool = True, stitches: list[int] | None = None) -> TrainResult:
+    """Adapt the whole palette to ``train_set`` in one run (PST must already be applied).
+
+    ``costs``: one number per stitch (FLOPs, or parameters for LLMs) for the budget groups. ``stitches``: train only
+    these (e.g. one anchor alone); default every stitch. Checkpoints go to ``out_dir/checkpoint`` every
+    ``config.checkpoint_every`` steps; ``resume=True`` continues from there.
+    """
+    if palette.pst is None:
+        raise EstaError("apply PST (palette.apply_pst) before training")
+    start_time = time.perf_counter()
+    accelerator = accelerator or Accelerator(
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)]  # each step uses one stitch
+    )
+    set_seed(config.seed)
+    candidates = list(range(len(palette))) if stitches is None else list(stitches)
+    groups = [[s for s in g if s in set(candidates)] for g in budget_groups(costs, config.sampling.groups)]
+    groups = [g for g in groups if g]
+    sampler = ImportanceSampler(groups, len(palette), config.sampling, seed=config.seed)
+
+    steps_per_epoch = max(1, len(train_set) // config.batch_size)
+    total_steps = config.steps if config.steps is not None else max(1, round(config.epochs * steps_per_epoch))
+    optimizer = torch.optim.AdamW(_param_groups(palette, config.weight_decay), lr=config.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(config.warmup_steps, total_steps))
+    model, optimizer, scheduler = accelerator.prepare(palette, optimizer, scheduler)
+
+    ckpt_dir = Path(out_dir) / "checkpoint" if out_dir is not None else None
+    start_step = 0
+    if resume:
+        if ckpt_dir is None:
+            raise EstaError("resume needs the run's output folder")
+        sampler_state, meta = load_checkpoint(ckpt_dir, palette, optimizer, scheduler)
+        sampler.load_state_dict(sampler_state)
+        start_step = int(meta["step"])
+        log.info("resumed from %s at step %d", ckpt_dir, start_step)
+
+    def loader(steps: int, start: int, seed: int) -> DataLoader:
+        batches = ResumableBatches(len(train_set), config.batch_size, steps, seed, start,
+                                   accelerator.process_index, accelerator.num_processes)
+        return DataLoader(train_set, batch_sampler=batches, num_workers=config.num_workers, collate_fn=collate_fn)
+
+    path_params = {s: palette.path_parameters(s) for s in candidates}
+    model.train()
+    if config.score_init_batch and start_step == 0:
+        batch = _to(next(iter(loader(1, 0, config.seed + 1))), accelerator.device)
+        scores = {}
+        for s in tqdm(candidates, desc="scoring stitches", disable=not progress or not accelerator.is_main_process,
+                      leave=False):
+            accelerator.backward(loss_fn(model, batch, s))
+            scores[s] = snip_score(path_params[s])
+            optimizer.zero_grad(set_to_none=True)
+        sampler.initialise(scores)
+
+    bar = tqdm(total=total_steps, initial=start_step, desc="training palette",
+               disable=not progress or not accelerator.is_main_process)
+    loss_value, ema = float("nan"), None
+    for step, batch in enumerate(loader(total_steps, start_step, config.seed), start=start_step):
+        stitch = int(broadcast(torch.tensor([sampler.sample()], device=accelerator.device))[0])
+        loss = loss_fn(model, _to(batch, accelerator.device), stitch)
+        accelerator.backward(loss)
+        sampler.update(stitch, snip_score(path_params[stitch]))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)  # None, not 0: the next step's untouched params are then skipped
+
+        loss_value = float(loss.detach())
+        ema = loss_value if ema is None else 0.95 * ema + 0.05 * loss_value
+        bar.update(1)
+        bar.set_postfix(loss=f"{ema:.3f}", stitch=stitch, lr=f"{scheduler.get_last_lr()[0]:.1e}")
+        done = step + 1
+        if ckpt_dir is not None and accelerator.is_main_process and (
+            done == total_steps or (config.checkpoint_every and done % config.checkpoint_every == 0)
+        ):
+            save_checkpoint(ckpt_dir, palette, optimizer, scheduler, sampler.state_dict(),
+                            {"step": done, "total_steps": total_steps, "loss_ema": ema,
+                             "config": config.to_dict()})
+    bar.close()
+    accelerator.wait_for_everyone()
+    return TrainResult(
+        steps=total_steps,
+        seconds=time.perf_counter() - start_time,
+        trainable_params=palette.trainable_parameters(),
+        total_params=palette.total_parameters(),
+        peak_rss_mb=peak_rss_mb(),
+        final_loss=ema if ema is not None else loss_value,
+        importance=[float(v) for v in sampler.importance],
+        updates=[int(v) for v in sampler.updates],
+        groups=groups,
+    )
+
+
+def write_result(result: TrainResult, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(asdict(result), indent=1))
