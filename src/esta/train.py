@@ -98,7 +98,7 @@ class ResumableBatches(Sampler[list[int]]):
             yield batch[self.rank::self.world].tolist()
 
 
-def _warmup_cosine(warmup: int, total: int) -> Callable[[int], float]:
+def warmup_cosine(warmup: int, total: int) -> Callable[[int], float]:
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
@@ -153,7 +153,7 @@ def train(palette: Palette, train_set: Dataset, costs: list[float], config: Trai
     steps_per_epoch = max(1, len(train_set) // config.batch_size)
     total_steps = config.steps if config.steps is not None else max(1, round(config.epochs * steps_per_epoch))
     optimizer = torch.optim.AdamW(_param_groups(palette, config.weight_decay), lr=config.lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(config.warmup_steps, total_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(config.warmup_steps, total_steps))
     model, optimizer, scheduler = accelerator.prepare(palette, optimizer, scheduler)
 
     ckpt_dir = Path(out_dir) / "checkpoint" if out_dir is not None else None

@@ -1,0 +1,130 @@
+"""``esta pretrain``: the reproducible recipe behind esta's shipped mini DeiT family.
+
+Three DeiT-shaped ViTs (12 blocks; widths 48/96/192 with 3/6/12 heads, as DeiT-Ti/S/B's 1:2:4; patch 4 on 28x28
+grey images) trained from scratch on Fashion-MNIST, saved as ordinary transformers ``ViTForImageClassification``
+checkpoints (safetensors + config + preprocessor config) so the same loader takes them as any hub model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import ViTConfig, ViTForImageClassification
+
+from .data import load_image_task
+from .evaluate import accuracy
+from .train import warmup_cosine
+
+log = logging.getLogger("esta.pretrain")
+
+#: name -> (width, heads)
+MINI_SHAPES = {"mini-deit-ti": (48, 3), "mini-deit-s": (96, 6), "mini-deit-b": (192, 12)}
+FASHION_MEAN, FASHION_STD = 0.2860, 0.3530
+
+
+@dataclass
+class PretrainConfig:
+    epochs: dict[str, int] | None = None  # per model; default below
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.1
+    seed: int = 0
+
+    def epochs_for(self, name: str) -> int:
+        default = {"mini-deit-ti": 10, "mini-deit-s": 7, "mini-deit-b": 5}
+        return (self.epochs or default).get(name, default[name])
+
+
+def mini_config(width: int, heads: int, classes: list[str]) -> ViTConfig:
+    return ViTConfig(
+        image_size=28, patch_size=4, num_channels=1, hidden_size=width, num_hidden_layers=12,
+        num_attention_heads=heads, intermediate_size=4 * width, qkv_bias=True,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        id2label=dict(enumerate(classes)), label2id={c: i for i, c in enumerate(classes)},
+    )
+
+
+def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random 2-pixel shifts (pad + crop) and horizontal flips, on a uint8 batch."""
+    n, _, h, w = images.shape
+    padded = F.pad(images, (2, 2, 2, 2))
+    dy = torch.randint(0, 5, (n,), generator=generator)
+    dx = torch.randint(0, 5, (n,), generator=generator)
+    rows = (dy[:, None] + torch.arange(h)[None]).view(n, 1, h, 1).expand(n, images.shape[1], h, w + 4)
+    out = padded.gather(2, rows)
+    cols = (dx[:, None] + torch.arange(w)[None]).view(n, 1, 1, w).expand(n, images.shape[1], h, w)
+    out = out.gather(3, cols)
+    flip = torch.rand(n, generator=generator) < 0.5
+    out[flip] = out[flip].flip(-1)
+    return out
+
+
+def normalise(images: torch.Tensor) -> torch.Tensor:
+    return (images.float() / 255.0 - FASHION_MEAN) / FASHION_STD
+
+
+def pretrain_one(name: str, out_dir: Path, config: PretrainConfig, progress: bool = True) -> dict:
+    from tqdm.auto import tqdm
+
+    task = load_image_task("fashion-mnist", image_size=28, num_channels=1)
+    width, heads = MINI_SHAPES[name]
+    torch.manual_seed(config.seed)
+    model = ViTForImageClassification(mini_config(width, heads, task.classes))
+    images, labels = task.train.images, task.train.labels
+    epochs = config.epochs_for(name)
+    steps_per_epoch = len(labels) // config.batch_size
+    total = epochs * steps_per_epoch
+    warmup = int(config.warmup_epochs * steps_per_epoch)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(warmup, total))
+    gen = torch.Generator().manual_seed(config.seed)
+    start = time.perf_counter()
+    model.train()
+    bar = tqdm(total=total, desc=f"pretraining {name}", disable=not progress)
+    for epoch in range(epochs):
+        perm = torch.randperm(len(labels), generator=gen)
+        for k in range(steps_per_epoch):
+            idx = perm[k * config.batch_size:(k + 1) * config.batch_size]
+            logits = model(pixel_values=normalise(augment(images[idx], gen))).logits
+            loss = F.cross_entropy(logits, labels[idx], label_smoothing=config.label_smoothing)
+            loss.backward()
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            bar.update(1)
+            bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}")
+    bar.close()
+    seconds = time.perf_counter() - start
+    model.eval()
+    test_acc = accuracy(lambda x: model(pixel_values=normalise(x)).logits, task.test, progress=progress,
+                        desc=f"testing {name}")
+    folder = out_dir / name
+    model.save_pretrained(folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "ViTImageProcessor", "do_resize": True, "size": {"height": 28, "width": 28},
+        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+        "image_mean": [FASHION_MEAN], "image_std": [FASHION_STD],
+    }, indent=1))
+    info = {"name": name, "width": width, "heads": heads, "depth": 12, "epochs": epochs,
+            "fashion_mnist_test_accuracy": test_acc, "train_seconds": round(seconds, 1),
+            "params": sum(p.numel() for p in model.parameters()), "config": asdict(config)}
+    (folder / "pretrain.json").write_text(json.dumps(info, indent=1))
+    log.info("%s: Fashion-MNIST test accuracy %.4f (%d epochs, %.0f s)", name, test_acc, epochs, seconds)
+    return info
+
+
+def pretrain(out_dir: str | Path, names: list[str] | None = None, config: PretrainConfig | None = None,
+             progress: bool = True) -> list[dict]:
+    out_dir = Path(out_dir)
+    return [pretrain_one(n, out_dir, config or PretrainConfig(), progress) for n in (names or list(MINI_SHAPES))]
