@@ -46,14 +46,21 @@ def choose(groups: list[list[int]], costs: list[float], score: dict[int, float] 
 
     if budgets is None:
         return [Choice(max(costs[s] for s in g), best(g), list(g)) for g in groups]
-    cheapest = min(costs[s] for g in groups for s in g)
+    check_budgets(budgets, [costs[s] for g in groups for s in g])
     out = []
     for b in budgets:
-        if b < cheapest:
-            raise EstaError(f"budget {b:g} is below the cheapest stitch ({cheapest:g}): nothing fits")
         members = next(m for g in reversed(groups) if (m := [s for s in g if costs[s] <= b]))
         out.append(Choice(float(b), best(members), members))
     return out
+
+
+def check_budgets(budgets: list[float], costs: list[float], unit: float = 1.0, name: str = "") -> None:
+    """Refuse a budget below the cheapest stitch (in ``costs / unit`` units, e.g. GFLOPs) before any work."""
+    cheapest = min(costs) / unit
+    for b in budgets:
+        if b / unit < cheapest:
+            raise EstaError(f"budget {b / unit:g}{name} is below the cheapest stitch ({cheapest:.4g}{name}): "
+                            "no stitch fits it")
 
 
 def _anchor_class(family: str) -> type[Anchor]:

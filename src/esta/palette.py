@@ -128,6 +128,12 @@ class Palette(nn.Module):
             self.stitching[key] = StitchLinear(self.stitching[key], config.stitch_lora_rank,
                                                config.stitch_lora_alpha, self.active, users, config.bias)
 
+    def adaptation_state(self) -> dict[str, torch.Tensor]:
+        """Everything training produced or fitted: trainable tensors and the (frozen) least-squares stitching
+        layers. With the pretrained anchors, this is all a checkpoint needs to rebuild the palette."""
+        return {n: p.detach().contiguous().clone() for n, p in self.named_parameters()
+                if p.requires_grad or n.startswith("stitching.")}
+
     def trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 

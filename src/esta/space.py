@@ -45,7 +45,7 @@ class Stitch:
     def name(self) -> str:
         if self.is_anchor:
             return f"anchor{self.front}"
-        return f"{self.front}[:{self.front_last}]->{self.end}[{self.end_first}:]"
+        return f"{self.front}[:{self.front_last + 1}]->{self.end}[{self.end_first}:]"  # Python slices of the blocks
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from esta.data.arrays import pil_to_tensor
-from esta.errors import EstaError
+from ..errors import EstaError
+from .arrays import pil_to_tensor
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -37,10 +37,10 @@ class ImageFolderDataset(Dataset):
         path = self.paths[index]
         try:
             with Image.open(path) as image:
-                image.load()
-        except Exception as error:  # PIL reports damaged files with many exception types (OSError, SyntaxError...)
+                tensor = pil_to_tensor(image, self.image_size, self.num_channels)
+        except Exception as error:  # PIL reports damaged or odd files with many types (OSError, ValueError...)
             raise EstaError(f"cannot read image {path}: {error}") from error
-        return pil_to_tensor(image, self.image_size, self.num_channels), int(self.labels[index])
+        return tensor, int(self.labels[index])
 
     def subset(self, indices: Sequence[int] | np.ndarray | torch.Tensor) -> ImageFolderDataset:
         """The examples at ``indices``, in that order, as a new dataset (``.labels`` kept, unlike ``Subset``)."""

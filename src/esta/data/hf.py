@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +12,10 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from esta.data.arrays import PROGRESS_MIN, TensorImageDataset, pil_to_tensor, stratified_split
-from esta.errors import EstaError
+from ..errors import EstaError
+from .arrays import PROGRESS_MIN, TensorImageDataset, pil_to_array, stratified_split
+
+logger = logging.getLogger("esta.data")
 
 _IMAGE_COLUMN_NAMES = ("image", "img", "pixel_values")
 _LABEL_COLUMN_NAMES = ("label", "labels")
@@ -27,7 +30,9 @@ def open_from_disk(path: Path) -> Any:
 
 
 def open_from_hub(name: str, builtin_names: tuple[str, ...]) -> Any:
-    """``datasets.load_dataset(name)``; any failure becomes an :class:`EstaError` that says what else ``name`` could be."""
+    """``datasets.load_dataset(name)``; a failure becomes an :class:`EstaError` saying what else ``name`` could be."""
+    # Said up front: offline, the hub client retries for about half a minute before it gives up.
+    logger.info("loading %r from the Hugging Face hub", name)
     try:
         return datasets.load_dataset(name)
     except Exception as error:  # offline this is a connection error, online a missing repo or a bad script
@@ -73,8 +78,8 @@ def _pick_columns(features: datasets.Features, where: str) -> tuple[str, str]:
     label = next((n for n, f in features.items() if isinstance(f, datasets.ClassLabel)), None)
     label = label or next((n for n in _LABEL_COLUMN_NAMES if n in features), None)
     if image is None or label is None:
-        missing = "an image column (an Image feature, or one named image/img/pixel_values)" if image is None else \
-            "a label column (a ClassLabel feature, or one named label/labels)"
+        missing = "image column (an Image feature, or one named image/img/pixel_values)" if image is None else \
+            "label column (a ClassLabel feature, or one named label/labels)"
         raise EstaError(f"{where} has no {missing}; its columns are: {', '.join(features)}")
     return image, label
 
@@ -97,22 +102,24 @@ def _labels(train: datasets.Dataset, test: datasets.Dataset, column: str, where:
     except TypeError:  # mixed or unorderable types: order them by their text instead
         distinct = sorted(set(train_values) | set(test_values), key=str)
     index = {value: i for i, value in enumerate(distinct)}
-    return (np.asarray([index[v] for v in train_values], np.int64), np.asarray([index[v] for v in test_values], np.int64),
-            [str(v) for v in distinct])
+    return (np.asarray([index[v] for v in train_values], np.int64),
+            np.asarray([index[v] for v in test_values], np.int64), [str(v) for v in distinct])
 
 
 def _to_tensors(split: datasets.Dataset, column: str, labels: np.ndarray, where: str, image_size: int,
                 num_channels: int) -> TensorImageDataset:
-    images = torch.empty((len(split), num_channels, image_size, image_size), dtype=torch.uint8)
+    images = np.empty((len(split), num_channels, image_size, image_size), dtype=np.uint8)
     rows = iter(split.select_columns([column]))
     for i in tqdm(range(len(split)), desc=f"converting {where}", unit="img", disable=len(split) < PROGRESS_MIN,
                   leave=False):
         try:
-            value = next(rows)[column]
-        except Exception as error:  # a damaged image fails inside datasets' decoder, with PIL's many error types
+            image = _as_pil(next(rows)[column], i, where)
+            images[i] = pil_to_array(image, image_size, num_channels)
+        except EstaError:
+            raise
+        except Exception as error:  # a damaged image fails inside datasets' decoder or PIL, with many error types
             raise EstaError(f"cannot decode image {i} of the {where}: {error}") from error
-        images[i] = pil_to_tensor(_as_pil(value, i, where), image_size, num_channels)
-    return TensorImageDataset(images, torch.from_numpy(labels))
+    return TensorImageDataset(torch.from_numpy(images), torch.from_numpy(labels))
 
 
 def _as_pil(value: Any, i: int, where: str) -> Image.Image:

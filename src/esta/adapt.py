@@ -1,0 +1,225 @@
+"""The whole job for a vision family: adapt every stitch to a task in one run, deploy one per budget, report.
+
+``adapt(AdaptConfig(...))`` is what ``esta train`` and ``esta demo`` run: load the task and the family, build the
+palette, fit the stitching layers by least squares, count every stitch's cost, apply PST, train, pick per budget
+by importance, save the chosen stitches standalone, and (unless switched off) evaluate every stitch so the choice
+can be judged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .checkpoint import load_adaptation, load_sampler_state
+from .cost import count_costs
+from .data import TensorImageDataset, load_image_task, stratified_split
+from .deploy import Choice, DeployedStitch, check_budgets, choose
+from .errors import EstaError
+from .evaluate import accuracy, spearman, sweep
+from .families import MINI_FAMILY, load_family
+from .importance import budget_groups
+from .palette import Palette
+from .pst import PSTConfig
+from .report import pareto_plot, write_results
+from .train import TrainConfig, TrainResult, train
+
+log = logging.getLogger("esta")
+
+
+@dataclass
+class AdaptConfig:
+    anchors: list[str] = field(default_factory=lambda: [MINI_FAMILY])
+    data: str = "animal-shapes"
+    out_dir: str = "runs/demo"
+    kernel: int = 2
+    stride: int = 1
+    pairing: str = "nearest"
+    two_way: bool = False
+    pst: PSTConfig = field(default_factory=PSTConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    budgets: list[float] | None = None  # GFLOPs; None: one deployment per budget group
+    calibration_examples: int = 64
+    eval_examples: int | None = 2000  # stratified subset of the test split for every accuracy; None = all
+    sweep: bool = True  # evaluate every stitch (the honest check of the choice; SN-Net's way to choose)
+    train_examples: int | str | None = "default"
+    cache_dir: str | None = None
+    resume: bool = False
+    progress: bool = True
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def materialize(dataset, indices) -> TensorImageDataset:
+    """The examples at ``indices`` as in-memory tensors (decoded once, however the source stores them)."""
+    if isinstance(dataset, TensorImageDataset):
+        return dataset.subset(indices)
+    items = [dataset[int(i)] for i in indices]
+    return TensorImageDataset(torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items]))
+
+
+def adapt(config: AdaptConfig) -> dict:
+    out = Path(config.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    seed = config.train.seed
+    torch.manual_seed(seed)
+
+    # 1. the family and the task, converted to the family's image size and channels
+    anchors = load_family(config.anchors, num_labels=1)  # checked before any data is fetched; heads set below
+    task = load_image_task(config.data, image_size=anchors[0].image_size, num_channels=anchors[0].num_channels,
+                           cache_dir=config.cache_dir, train_examples=config.train_examples, seed=seed)
+    if len(task.train) == 0 or len(task.test) == 0:
+        raise EstaError(f"task {config.data!r} has an empty train or test split")
+    torch.manual_seed(seed)
+    for a in anchors:
+        a.new_task_head(len(task.classes))
+    n_eval = len(task.test) if not config.eval_examples else min(config.eval_examples, len(task.test))
+    eval_set = materialize(task.test, stratified_split(task.test.labels, n_eval, seed)[0]
+                           if n_eval < len(task.test) else range(len(task.test)))
+
+    # 2. the palette: stitching layers fitted by least squares, costs counted on the plain layers, then PST
+    palette = Palette(anchors, kernel=config.kernel, stride=config.stride, pairing=config.pairing,
+                      two_way=config.two_way)
+    calib_n = min(config.calibration_examples, len(task.train))
+    calib = materialize(task.train, stratified_split(task.train.labels, calib_n, seed + 7)[0]
+                        if calib_n < len(task.train) else range(calib_n))
+    palette.init_stitching(calib.images)
+    costs = count_costs(palette, calib.images[:1], progress=config.progress)
+    flops = [float(c.flops) for c in costs]
+    if config.budgets:
+        check_budgets([b * 1e9 for b in config.budgets], flops, unit=1e9, name=" GFLOPs")
+    palette.apply_pst(config.pst)
+    # logged only now, after every check that can refuse the run, so a refusal is the only thing printed
+    log.info("task %s: %d classes, %d training examples, %d test examples (evaluating on %d)", task.name,
+             len(task.classes), len(task.train), len(task.test), len(eval_set))
+    log.info("palette: %d stitches (%d anchors), %d stitching layers; trainable %d of %d parameters",
+             len(palette), len(anchors), len(palette.stitching), palette.trainable_parameters(),
+             palette.total_parameters())
+    (out / "run.json").write_text(json.dumps({
+        "config": config.to_dict(), "classes": task.classes, "task": task.name,
+        "flops": [c.flops for c in costs], "params": [c.params for c in costs],
+        "space": palette.space.to_dict()}, indent=1))
+
+    # 3. one training run for the whole palette
+    result = train(palette, task.train, flops, config.train, out_dir=out, resume=config.resume,
+                   progress=config.progress)
+
+    # 4. one-stage deployment: highest importance per budget, merged and saved
+    t0 = time.perf_counter()
+    budgets = [b * 1e9 for b in config.budgets] if config.budgets else None
+    choices = choose(result.groups, flops, result.importance, budgets)
+    select_seconds = time.perf_counter() - t0
+    palette.eval()
+    deployed_dirs = export_choices(palette, choices, flops, [c.params for c in costs], result.importance,
+                                   task.name, task.classes, out / "deployed")
+    deploy_seconds = time.perf_counter() - t0
+    log.info("trained in %.0f s, deployed %d stitches in %.2f s", result.seconds, len(choices), deploy_seconds)
+
+    # 5. the honest check: every stitch's accuracy, and every deployed model reloaded from disk
+    t0 = time.perf_counter()
+    sweep_acc = sweep(palette, eval_set, progress=config.progress) if config.sweep else {}
+    sweep_seconds = time.perf_counter() - t0
+    deployed_acc = [accuracy(DeployedStitch.from_pretrained(d), eval_set) for d in deployed_dirs]
+
+    results = _results(config, task, palette, costs, result, choices, sweep_acc, deployed_acc, deployed_dirs,
+                       len(eval_set))
+    results["timing"] = {"train_seconds": result.seconds, "select_seconds": select_seconds,
+                         "deploy_seconds": deploy_seconds, "sweep_seconds": sweep_seconds}
+    write_results(results, out)
+    if config.sweep:
+        pareto_plot(results, out / "pareto.png", title=f"ESTA on {task.name}: {len(palette)} stitches")
+    return results
+
+
+def _results(config: AdaptConfig, task, palette: Palette, costs, result: TrainResult, choices: list[Choice],
+             sweep_acc: dict[int, float], deployed_acc: list[float], deployed_dirs: list[Path],
+             n_eval: int) -> dict:
+    group_of = {s: g for g, members in enumerate(result.groups) for s in members}
+    chosen = {c.stitch_id for c in choices}
+    stitches = []
+    for s in palette.space.stitches:
+        stitches.append({
+            "id": s.id, "name": s.name, "is_anchor": s.is_anchor, "front": s.front, "end": s.end,
+            "front_last": s.front_last, "end_first": s.end_first, "layer": s.layer,
+            "flops": costs[s.id].flops, "params": costs[s.id].params,
+            "accuracy": sweep_acc.get(s.id), "importance": result.importance[s.id],
+            "updates": result.updates[s.id], "group": group_of.get(s.id), "deployed": s.id in chosen,
+        })
+    deployed = []
+    for c, acc, d in zip(choices, deployed_acc, deployed_dirs):
+        best = max((sweep_acc[s] for s in c.candidates), default=None) if sweep_acc else None
+        deployed.append({
+            "budget": c.budget, "stitch_id": c.stitch_id, "name": palette.space[c.stitch_id].name,
+            "flops": costs[c.stitch_id].flops, "params": costs[c.stitch_id].params,
+            "accuracy": acc, "accuracy_in_palette": sweep_acc.get(c.stitch_id),
+            "best_accuracy_in_budget": best, "regret": (best - acc) if best is not None else None,
+            "candidates": c.candidates, "path": str(d),
+        })
+    accs = [d["accuracy"] for d in deployed]
+    anchor_acc = {f"anchor{s.front}": sweep_acc.get(s.id) for s in palette.space.stitches if s.is_anchor}
+    return {
+        "task": task.name, "classes": task.classes, "anchors": [a.source for a in palette.anchors],
+        "eval_examples": n_eval, "train_examples": len(task.train),
+        "space": {k: v for k, v in palette.space.to_dict().items() if k != "stitches"},
+        "stitches": stitches,
+        "deployed": deployed,
+        "summary": {
+            "spearman_budget_accuracy": spearman([d["budget"] for d in deployed], accs),
+            "mean_deployed_accuracy": sum(accs) / len(accs) if accs else None,
+            "mean_regret": (sum(d["regret"] for d in deployed) / len(deployed)) if sweep_acc and deployed else None,
+            "anchor_accuracy": anchor_acc,
+        },
+        "train": {"seconds": result.seconds, "steps": result.steps, "trainable_params": result.trainable_params,
+                  "total_params": result.total_params, "peak_rss_mb": result.peak_rss_mb,
+                  "final_loss": result.final_loss},
+        "config": config.to_dict(),
+    }
+
+
+def load_run(run_dir: str | Path) -> tuple[Palette, dict]:
+    """The trained palette of a finished (or checkpointed) run, and its run.json."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "run.json").is_file():
+        raise EstaError(f"{run_dir} is not an esta run folder (no run.json)")
+    info = json.loads((run_dir / "run.json").read_text())
+    cfg = info["config"]
+    anchors = load_family(cfg["anchors"], num_labels=len(info["classes"]))
+    palette = Palette(anchors, kernel=cfg["kernel"], stride=cfg["stride"], pairing=cfg["pairing"],
+                      two_way=cfg["two_way"])
+    palette.apply_pst(PSTConfig(**{**cfg["pst"], "lora_targets": tuple(cfg["pst"]["lora_targets"])}))
+    load_adaptation(run_dir / "checkpoint", palette)
+    info["importance"] = [float(v) for v in load_sampler_state(run_dir / "checkpoint")["importance"]]
+    return palette.eval(), info
+
+
+def redeploy(run_dir: str | Path, budgets: list[float] | None, out_dir: str | Path | None = None) -> list[dict]:
+    """Deploy again from a finished run, e.g. for other budgets (GFLOPs): no retraining, no evaluation sweep."""
+    palette, info = load_run(run_dir)
+    flops = [float(f) for f in info["flops"]]
+    sampling = info["config"]["train"]["sampling"]
+    groups = budget_groups(flops, sampling["groups"])
+    if budgets:
+        check_budgets([b * 1e9 for b in budgets], flops, unit=1e9, name=" GFLOPs")
+    choices = choose(groups, flops, info["importance"], [b * 1e9 for b in budgets] if budgets else None)
+    paths = export_choices(palette, choices, flops, info["params"], info["importance"], info["task"],
+                           info["classes"], Path(out_dir) if out_dir else Path(run_dir) / "deployed")
+    return [{"budget": c.budget, "stitch_id": c.stitch_id, "name": palette.space[c.stitch_id].name,
+             "flops": flops[c.stitch_id], "path": str(p)} for c, p in zip(choices, paths)]
+
+
+def export_choices(palette: Palette, choices: list[Choice], flops: list[float], params: list[int],
+                   importance: list[float], task: str, classes: list[str], out: Path) -> list[Path]:
+    """Save each chosen stitch standalone as ``out/budgetKK`` (cheapest budget first)."""
+    paths = []
+    for k, c in enumerate(choices):
+        model = DeployedStitch.from_palette(palette, c.stitch_id, meta={
+            "budget_flops": c.budget, "flops": flops[c.stitch_id], "params": params[c.stitch_id],
+            "importance": importance[c.stitch_id], "task": task, "classes": classes})
+        paths.append(model.save_pretrained(out / f"budget{k:02d}"))
+    return paths

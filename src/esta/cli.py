@@ -1,0 +1,248 @@
+"""``esta`` command line: each sub-command is a recipe over the library's components."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from .errors import EstaError
+
+DEMO_EPOCHS = 40.0
+
+
+def _quiet_libraries() -> None:
+    """transformers' load reports and weight-loading bars would bury esta's own progress."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError as e:
+        raise EstaError(f"expected comma-separated numbers, got {text!r}") from e
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError as e:
+        raise EstaError(f"expected comma-separated integers, got {text!r}") from e
+
+
+# -- sub-commands ------------------------------------------------------------------------------------------------
+def cmd_space(args: argparse.Namespace) -> int:
+    from .space import build_space
+
+    if args.anchors:
+        from transformers import AutoConfig
+
+        depths = [AutoConfig.from_pretrained(a).num_hidden_layers for a in args.anchors]
+    elif args.depths:
+        depths = _ints(args.depths)
+    else:
+        raise EstaError("give --depths (e.g. 12,12,12) or --anchors")
+    space = build_space(depths, kernel=args.kernel, stride=args.stride, pairing=args.pairing, two_way=args.two_way)
+    if args.json:
+        print(space.to_json(indent=None if args.compact else 1))
+    else:
+        d = space.to_dict()
+        print(f"{d['count']} stitches ({d['anchors']} anchors), {d['stitching_layers']} stitching layers")
+        for pair, v in d["pairs"].items():
+            print(f"  anchors {pair}: {v['stitches']} stitches, {v['stitching_layers']} stitching layers")
+    return 0
+
+
+def _adapt_config(args: argparse.Namespace, **overrides):
+    from .adapt import AdaptConfig
+    from .importance import SamplingConfig
+    from .pst import PSTConfig
+    from .train import TrainConfig
+
+    sampling = SamplingConfig(groups=args.groups, beta=args.beta, tau=args.tau, eps=args.eps,
+                              uniform=args.uniform_sampling)
+    train_cfg = TrainConfig(epochs=args.epochs, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                            seed=args.seed, sampling=sampling, checkpoint_every=args.checkpoint_every)
+    pst = PSTConfig(lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+                    lora_targets=tuple(args.lora_targets.split(",")) if args.lora_targets else (),
+                    stitch_lora_rank=args.stitch_lora_rank, bias=args.bias)
+    cfg = dict(anchors=args.anchors, data=args.data, out_dir=args.out, kernel=args.kernel, stride=args.stride,
+               pairing=args.pairing, two_way=args.two_way, pst=pst, train=train_cfg,
+               budgets=_floats(args.budgets) if args.budgets else None,
+               eval_examples=args.eval_examples or None, sweep=not args.no_sweep, resume=args.resume,
+               progress=not args.no_progress)
+    cfg.update(overrides)
+    return AdaptConfig(**cfg)
+
+
+def _print_summary(results: dict, out: str) -> None:
+    s = results["summary"]
+    print(f"\n{len(results['stitches'])} stitches adapted to {results['task']} in "
+          f"{results['train']['seconds']:.0f} s ({results['train']['trainable_params']:,} trainable of "
+          f"{results['train']['total_params']:,} parameters)")
+    print(f"{'budget GFLOPs':>14} {'stitch':>24} {'GFLOPs':>7} {'acc %':>6} {'best %':>7} {'regret':>7}")
+    for d in results["deployed"]:
+        best = d["best_accuracy_in_budget"]
+        print(f"{d['budget'] / 1e9:14.3f} {d['name']:>24} {d['flops'] / 1e9:7.3f} {100 * d['accuracy']:6.2f} "
+              + (f"{100 * best:7.2f} {100 * d['regret']:7.2f}" if best is not None else f"{'-':>7} {'-':>7}"))
+    if s["mean_regret"] is not None:
+        print(f"mean regret {100 * s['mean_regret']:.2f} points; ", end="")
+    print(f"Spearman(budget, accuracy) = {s['spearman_budget_accuracy']:.3f}")
+    print(f"wrote {out}/results.json, {out}/results.csv" + (f", {out}/pareto.png" if
+          any(x["accuracy"] is not None for x in results["stitches"]) else "") + f", {out}/deployed/")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .adapt import adapt
+
+    results = adapt(_adapt_config(args))
+    _print_summary(results, args.out)
+    return 0
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from .adapt import redeploy
+
+    for d in redeploy(args.run, _floats(args.budgets) if args.budgets else None, args.out):
+        print(f"budget {d['budget'] / 1e9:.3f} GFLOPs -> {d['name']} ({d['flops'] / 1e9:.3f} GFLOPs): {d['path']}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .data import load_image_task
+    from .deploy import DeployedStitch
+    from .evaluate import accuracy
+
+    model = DeployedStitch.from_pretrained(args.model)
+    front = model.front
+    task = load_image_task(args.data, image_size=front.image_size, num_channels=front.num_channels, seed=args.seed)
+    classes = model.meta.get("classes")
+    if classes is not None and len(classes) != len(task.classes):
+        raise EstaError(f"{args.model} predicts {len(classes)} classes but {args.data} has {len(task.classes)}")
+    acc = accuracy(model, task.test, progress=not args.no_progress)
+    print(json.dumps({"model": args.model, "data": args.data, "examples": len(task.test), "accuracy": acc}))
+    return 0
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from .pretrain import MINI_SHAPES, PretrainConfig, pretrain
+
+    names = args.models.split(",") if args.models else list(MINI_SHAPES)
+    unknown = [n for n in names if n not in MINI_SHAPES]
+    if unknown:
+        raise EstaError(f"unknown model(s) {unknown}; choose from {list(MINI_SHAPES)}")
+    epochs = dict(zip(names, _ints(args.epochs))) if args.epochs else None
+    for info in pretrain(args.out, names, PretrainConfig(epochs=epochs, seed=args.seed), not args.no_progress):
+        print(f"{info['name']}: Fashion-MNIST test accuracy {100 * info['fashion_mnist_test_accuracy']:.2f}% "
+              f"({info['params']:,} parameters, {info['epochs']} epochs, {info['train_seconds']:.0f} s)")
+    return 0
+
+
+# -- argument parsing --------------------------------------------------------------------------------------------
+def _space_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kernel", type=int, default=2, help="stitching window size (default 2)")
+    p.add_argument("--stride", type=int, default=1, help="stitching window stride (default 1)")
+    p.add_argument("--pairing", choices=["nearest", "all"], default="nearest",
+                   help="stitch neighbouring anchors only (default) or every pair")
+    p.add_argument("--two-way", action="store_true", help="also stitch large -> small (SN-Netv2)")
+
+
+def _train_args(p: argparse.ArgumentParser, out: str, epochs: float) -> None:
+    p.add_argument("--anchors", nargs="+", default=["esta-mini"],
+                   help="hub ids or local folders of the family (default: esta-mini, the shipped mini DeiT family)")
+    p.add_argument("--data", default="animal-shapes",
+                   help="built-in task (fashion-mnist, animal-shapes, mnist, digits), image folder, or HF dataset")
+    p.add_argument("--out", default=out, help=f"output folder (default {out})")
+    _space_args(p)
+    p.add_argument("--epochs", type=float, default=epochs, help=f"passes over the training set (default {epochs:g})")
+    p.add_argument("--steps", type=int, default=None, help="training steps (overrides --epochs)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lora-rank", type=int, default=8)
+    p.add_argument("--lora-alpha", type=float, default=16.0)
+    p.add_argument("--lora-targets", default="", help="comma-separated linear-layer names (default: q/k/v)")
+    p.add_argument("--stitch-lora-rank", type=int, default=16)
+    p.add_argument("--bias", choices=["per-stitch", "shared", "none"], default="per-stitch",
+                   help="stitch-specific bias terms (ESTA), one shared bias, or none")
+    p.add_argument("--groups", type=int, default=10, help="budget groups (equal-width FLOPs intervals)")
+    p.add_argument("--beta", type=float, default=0.9, help="importance moving-average factor")
+    p.add_argument("--tau", type=float, default=1.0, help="sampling temperature")
+    p.add_argument("--eps", type=float, default=0.1, help="uniform floor of the sampling distribution")
+    p.add_argument("--uniform-sampling", action="store_true", help="ignore importance when sampling")
+    p.add_argument("--budgets", default="", help="comma-separated GFLOPs budgets to deploy (default: one per group)")
+    p.add_argument("--eval-examples", type=int, default=2000,
+                   help="stratified test examples for every accuracy (0 = the whole test split)")
+    p.add_argument("--no-sweep", action="store_true", help="skip evaluating every stitch")
+    p.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="esta", description="Efficient Stitchable Task Adaptation")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="adapt the shipped mini DeiT family to animal-shapes, deploy per budget, report")
+    _train_args(p, "runs/demo", DEMO_EPOCHS)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("train", help="adapt a family to a task with ESTA, deploy per budget, report")
+    _train_args(p, "runs/train", DEMO_EPOCHS)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("deploy", help="deploy again from a finished run, e.g. for other budgets")
+    p.add_argument("--run", required=True, help="the run folder (with run.json and checkpoint/)")
+    p.add_argument("--budgets", default="", help="comma-separated GFLOPs budgets (default: one per group)")
+    p.add_argument("--out", default=None, help="where to write (default RUN/deployed)")
+    p.set_defaults(func=cmd_deploy)
+
+    p = sub.add_parser("evaluate", help="accuracy of a deployed stitch on a task's test split")
+    p.add_argument("--model", required=True, help="a deployed stitch folder")
+    p.add_argument("--data", required=True)
+    p.add_argument("--seed", type=int, default=0, help="seed of the task's train/test split")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("space", help="list the stitches of a family")
+    p.add_argument("--depths", default="", help="comma-separated anchor depths, e.g. 12,12,12")
+    p.add_argument("--anchors", nargs="*", default=None, help="read depths from these models instead")
+    _space_args(p)
+    p.add_argument("--json", action="store_true", help="print the space as JSON")
+    p.add_argument("--compact", action="store_true", help="one-line JSON")
+    p.set_defaults(func=cmd_space)
+
+    p = sub.add_parser("pretrain", help="pretrain esta's mini DeiT family on Fashion-MNIST")
+    p.add_argument("--out", default="runs/pretrained", help="where to write the checkpoints")
+    p.add_argument("--models", default="", help="comma-separated subset of mini-deit-ti,mini-deit-s,mini-deit-b")
+    p.add_argument("--epochs", default="", help="comma-separated epochs per model (default 10,7,5)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_pretrain)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(name)s: %(message)s")
+    _quiet_libraries()
+    try:
+        return args.func(args)
+    except EstaError as e:
+        print(f"esta: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("esta: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

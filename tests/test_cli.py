@@ -1,0 +1,98 @@
+"""Bad input gets one clear ``esta: error:`` line and a non-zero exit: no traceback, nothing else on stderr."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from conftest import save_tiny
+from esta.space import build_space
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+def esta(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": SRC, "ESTA_CACHE": str(cwd or Path.cwd())}
+    return subprocess.run([sys.executable, "-m", "esta.cli", *args], capture_output=True, text=True, env=env,
+                          cwd=cwd, timeout=300)
+
+
+def one_error_line(result: subprocess.CompletedProcess, *words: str) -> str:
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("esta: error: "), result.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
+    assert "Traceback" not in result.stderr + result.stdout
+    return lines[0]
+
+
+def image_folder(root: Path, per_class: int = 4, size: int = 10) -> Path:
+    for split in ("train", "test"):
+        for k, colour in enumerate((30, 220)):
+            d = root / split / f"class{k}"
+            d.mkdir(parents=True)
+            for i in range(per_class):
+                Image.new("L", (size, size), colour + i).save(d / f"{i}.png")
+    return root
+
+
+def test_anchors_with_different_patch_size(tmp_path):
+    a = save_tiny(tmp_path / "a", patch_size=4)
+    b = save_tiny(tmp_path / "b", width=32, heads=4, patch_size=2)
+    one_error_line(esta("train", "--anchors", a, b, "--data", "digits", "--out", str(tmp_path / "r")),
+                   "patch_size", a, b)
+
+
+def test_anchors_with_different_image_size(tmp_path):
+    a = save_tiny(tmp_path / "a", image_size=8)
+    b = save_tiny(tmp_path / "b", width=32, heads=4, image_size=16)
+    one_error_line(esta("train", "--anchors", a, b, "--data", "digits", "--out", str(tmp_path / "r")),
+                   "image_size")
+
+
+def test_missing_anchor_folder(tmp_path):
+    a = save_tiny(tmp_path / "a")
+    one_error_line(esta("train", "--anchors", a, str(tmp_path / "nope"), "--out", str(tmp_path / "r")),
+                   "nope", "does not exist")
+
+
+def test_empty_dataset_folder(tmp_path, vit_family):
+    for split in ("train", "test"):
+        for cls in ("cat", "dog"):
+            (tmp_path / "data" / split / cls).mkdir(parents=True)
+    one_error_line(esta("train", "--anchors", *vit_family[:2], "--data", str(tmp_path / "data"),
+                        "--out", str(tmp_path / "r")), "no images")
+
+
+def test_budget_below_the_cheapest_stitch_is_refused_before_training(tmp_path, vit_family):
+    data = image_folder(tmp_path / "data")
+    r = esta("train", "--anchors", *vit_family[:2], "--data", str(data), "--budgets", "0.0000001",
+             "--out", str(tmp_path / "r"), "--no-progress")
+    one_error_line(r, "below the cheapest stitch")
+    assert not (tmp_path / "r" / "checkpoint").exists()
+
+
+def test_train_deploy_evaluate_on_an_image_folder(tmp_path, vit_family):
+    data = image_folder(tmp_path / "data", per_class=8)
+    out = tmp_path / "run"
+    r = esta("train", "--anchors", *vit_family, "--data", str(data), "--steps", "6", "--batch-size", "8",
+             "--groups", "3", "--out", str(out), "--no-progress")
+    assert r.returncode == 0, r.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert len(results["stitches"]) == len(build_space([3, 3, 3])) == 17 and len(results["deployed"]) == 3
+    for d in results["deployed"]:
+        assert d["accuracy"] == pytest.approx(d["accuracy_in_palette"])  # reloaded model == palette
+        assert d["regret"] >= 0 and Path(d["path"], "model.safetensors").is_file()
+    assert (out / "pareto.png").stat().st_size > 10_000 and (out / "results.csv").is_file()
+    # redeploy for one explicit budget from the finished run, then evaluate the deployed stitch alone
+    budget = results["deployed"][1]["budget"] / 1e9
+    r = esta("deploy", "--run", str(out), "--budgets", f"{budget:.9f}", "--out", str(tmp_path / "dep"))
+    assert r.returncode == 0, r.stderr
+    r = esta("evaluate", "--model", str(tmp_path / "dep" / "budget00"), "--data", str(data), "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert 0.0 <= json.loads(r.stdout.strip().splitlines()[-1])["accuracy"] <= 1.0

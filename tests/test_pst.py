@@ -1,0 +1,90 @@
+import pytest
+import torch
+from torch import nn
+
+from esta.families import load_family
+from esta.palette import Palette
+from esta.pst import ActiveStitch, PSTConfig, StitchLinear, plain_state_dict
+
+
+@pytest.fixture
+def palette(vit_family, images):
+    torch.manual_seed(0)
+    p = Palette(load_family(vit_family, num_labels=3))
+    p.init_stitching(images)
+    p.apply_pst(PSTConfig())
+    return p
+
+
+def test_frozen_anchor_weights_and_trainable_parts(palette):
+    names = {n for n, p in palette.named_parameters() if p.requires_grad}
+    assert names and all(any(k in n for k in ("lora_", "stitch_bias", "classifier")) for n in names)
+    for anchor in palette.anchors:  # every pretrained weight is frozen, the new task head is not
+        pretrained = [p for n, p in anchor.named_parameters()
+                      if not any(k in n for k in ("lora_", "stitch_bias", "classifier"))]
+        assert pretrained and not any(p.requires_grad for p in pretrained)
+        assert all(p.requires_grad for p in anchor.classifier.parameters())
+    assert all(not layer.base.weight.requires_grad for layer in palette.stitching.values())  # least squares
+    assert palette.trainable_parameters() < 0.5 * palette.total_parameters()
+
+
+def test_gradients_reach_only_trainable_parameters_on_the_path(palette, images):
+    s = next(s for s in palette.space.stitches if not s.is_anchor)
+    palette(images, stitch=s.id).logsumexp(-1).sum().backward()
+    on_path = {id(p) for p in palette.path_parameters(s.id)}
+    for name, p in palette.named_parameters():
+        if not p.requires_grad:
+            assert p.grad is None, name
+        elif id(p) not in on_path:
+            assert p.grad is None, f"{name} is off the path but got a gradient"
+    # every trainable tensor on the path got one (lora_A's gradient is zero at init, but it exists)
+    assert all(p.grad is not None for p in palette.path_parameters(s.id))
+
+
+def test_a_step_changes_only_the_active_stitchs_own_biases(palette, images):
+    s = next(s for s in palette.space.stitches if not s.is_anchor and s.front == 1)
+    before = {n: p.detach().clone() for n, p in palette.named_parameters()}
+    opt = torch.optim.AdamW([p for p in palette.parameters() if p.requires_grad], lr=0.1, weight_decay=0.1)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    for _ in range(2):  # the second step has Adam state and nonzero B, so everything on the path moves
+        nn.functional.cross_entropy(palette(images, stitch=s.id), labels).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    changed = {n for n, p in palette.named_parameters() if not torch.equal(p, before[n])}
+    biases = {n for n in changed if ".stitch_bias." in n}
+    assert biases and all(n.endswith(f".stitch_bias.{s.id}") for n in biases)
+    assert not any(n.startswith("anchors.0.") for n in changed)  # anchor 0 is not on the path
+    assert not any(not p.requires_grad for n, p in palette.named_parameters() if n in changed)  # frozen stay
+    assert {n for n in changed if "lora_B" in n}  # and the shared LoRA on the path did learn
+
+
+def test_merge_is_exact_for_every_stitch():
+    torch.manual_seed(0)
+    active = ActiveStitch()
+    layer = StitchLinear(nn.Linear(6, 4), rank=2, alpha=4, active=active, stitch_ids=[3, 7])
+    with torch.no_grad():
+        layer.lora_B.normal_()
+        layer.stitch_bias["3"].normal_()
+        layer.stitch_bias["7"].normal_()
+    x = torch.randn(5, 6)
+    for sid in (3, 7):
+        active.id = sid
+        plain = nn.Linear(6, 4)
+        plain.load_state_dict(plain_state_dict(layer, sid))
+        torch.testing.assert_close(plain(x), layer(x), atol=1e-6, rtol=1e-6)
+
+
+def test_shared_and_no_bias_modes():
+    active = ActiveStitch(id=5)
+    shared = StitchLinear(nn.Linear(3, 3), 1, 1, active, [5, 6], bias="shared")
+    none = StitchLinear(nn.Linear(3, 3), 1, 1, active, [5, 6], bias="none")
+    assert list(shared.stitch_bias.keys()) == ["shared"] and shared.own_bias(6) is shared.own_bias(5)
+    assert len(none.stitch_bias) == 0 and none.own_bias(5) is None
+
+
+def test_full_finetune_trains_everything(vit_family, images):
+    p = Palette(load_family(vit_family, num_labels=3))
+    p.init_stitching(images)
+    p.apply_pst(PSTConfig(full_finetune=True))
+    assert p.trainable_parameters() == p.total_parameters()
+    assert not any(isinstance(m, StitchLinear) for m in p.modules())
