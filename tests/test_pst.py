@@ -88,3 +88,11 @@ def test_full_finetune_trains_everything(vit_family, images):
     p.apply_pst(PSTConfig(full_finetune=True))
     assert p.trainable_parameters() == p.total_parameters()
     assert not any(isinstance(m, StitchLinear) for m in p.modules())
+
+
+def test_key_projections_get_no_stitch_bias(palette):
+    """A key bias shifts every score of a query equally, which the softmax cancels: it would be dead weight."""
+    for anchor in palette.anchors:
+        for block in anchor.blocks:
+            assert len(block.attention.k_proj.stitch_bias) == 0
+            assert len(block.attention.q_proj.stitch_bias) > 0 and len(block.attention.v_proj.stitch_bias) > 0

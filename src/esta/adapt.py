@@ -192,7 +192,9 @@ def load_run(run_dir: str | Path) -> tuple[Palette, dict]:
     anchors = load_family(cfg["anchors"], num_labels=len(info["classes"]))
     palette = Palette(anchors, kernel=cfg["kernel"], stride=cfg["stride"], pairing=cfg["pairing"],
                       two_way=cfg["two_way"])
-    palette.apply_pst(PSTConfig(**{**cfg["pst"], "lora_targets": tuple(cfg["pst"]["lora_targets"])}))
+    pst = cfg["pst"]
+    palette.apply_pst(PSTConfig(**{**pst, "lora_targets": tuple(pst["lora_targets"]),
+                                   "no_bias_targets": tuple(pst["no_bias_targets"])}))
     load_adaptation(run_dir / "checkpoint", palette)
     info["importance"] = [float(v) for v in load_sampler_state(run_dir / "checkpoint")["importance"]]
     return palette.eval(), info

@@ -121,7 +121,7 @@ class Palette(nn.Module):
             for i in range(anchor.depth):
                 users = [s.id for s in self.space.stitches if self.uses_block(s, a, i)]
                 if not wrap_linears(anchor.block_module(i), targets, config.lora_rank, config.lora_alpha,
-                                    self.active, users, config.bias):
+                                    self.active, users, config.bias, config.no_bias_targets):
                     raise EstaError(f"anchor {a} block {i} has no linear layer named any of {list(targets)}")
         for key in list(self.stitching.keys()):
             users = [s.id for s in self.space.cuts_of_layer(key)]

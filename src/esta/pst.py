@@ -36,6 +36,9 @@ class PSTConfig:
     stitch_lora_alpha: float = 16.0
     #: "per-stitch" (ESTA), "shared" (one bias for all stitches: the ablation), "none"
     bias: BiasMode = "per-stitch"
+    #: targets that get no bias: a bias on the keys adds ``q.b`` to every score of query ``q``, which the softmax
+    #: cancels, so its gradient is exactly zero and Adam would only random-walk float noise into it
+    no_bias_targets: tuple[str, ...] = ("k_proj", "key")
     #: SN-Net direct adaptation: no LoRA, no biases; anchors and stitching layers are fully trainable
     full_finetune: bool = False
 
@@ -98,14 +101,14 @@ class StitchLinear(nn.Module):
 
 
 def wrap_linears(module: nn.Module, targets: Iterable[str], rank: int, alpha: float, active: ActiveStitch,
-                 stitch_ids: Iterable[int], bias: BiasMode) -> list[StitchLinear]:
+                 stitch_ids: Iterable[int], bias: BiasMode, no_bias: Iterable[str] = ()) -> list[StitchLinear]:
     """Replace every ``nn.Linear`` under ``module`` whose attribute name is in ``targets`` by a StitchLinear."""
-    targets, stitch_ids = set(targets), list(stitch_ids)
+    targets, stitch_ids, no_bias = set(targets), list(stitch_ids), set(no_bias)
     wrapped = []
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
             if name in targets and isinstance(child, nn.Linear):
-                layer = StitchLinear(child, rank, alpha, active, stitch_ids, bias)
+                layer = StitchLinear(child, rank, alpha, active, stitch_ids, "none" if name in no_bias else bias)
                 setattr(parent, name, layer)
                 wrapped.append(layer)
     return wrapped

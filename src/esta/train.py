@@ -124,6 +124,17 @@ def _to(batch: Any, device: torch.device) -> Any:
     return batch
 
 
+def make_accelerator() -> Accelerator:
+    """One process, or as many as the launcher (torchrun / accelerate launch) started.
+
+    ``cpu=True`` where there is no GPU: that is what lets Accelerate pick up a torchrun launch on CPUs (gloo).
+    """
+    return Accelerator(
+        cpu=not torch.cuda.is_available(),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],  # a step runs one stitch
+    )
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
 
@@ -141,9 +152,7 @@ def train(palette: Palette, train_set: Dataset, costs: list[float], config: Trai
     if palette.pst is None:
         raise EstaError("apply PST (palette.apply_pst) before training")
     start_time = time.perf_counter()
-    accelerator = accelerator or Accelerator(
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)]  # each step uses one stitch
-    )
+    accelerator = accelerator or make_accelerator()
     set_seed(config.seed)
     candidates = list(range(len(palette))) if stitches is None else list(stitches)
     groups = [[s for s in g if s in set(candidates)] for g in budget_groups(costs, config.sampling.groups)]
@@ -154,7 +163,9 @@ def train(palette: Palette, train_set: Dataset, costs: list[float], config: Trai
     total_steps = config.steps if config.steps is not None else max(1, round(config.epochs * steps_per_epoch))
     optimizer = torch.optim.AdamW(_param_groups(palette, config.weight_decay), lr=config.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(config.warmup_steps, total_steps))
-    model, optimizer, scheduler = accelerator.prepare(palette, optimizer, scheduler)
+    # The scheduler stays out of prepare(): Accelerate would step it once per process per step, assuming it had
+    # sharded the loader into fewer steps; our loader gives every process the same number of steps.
+    model, optimizer = accelerator.prepare(palette, optimizer)
 
     ckpt_dir = Path(out_dir) / "checkpoint" if out_dir is not None else None
     start_step = 0

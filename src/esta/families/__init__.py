@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -47,10 +48,28 @@ def family_kind(config: object) -> str:
     )
 
 
+@contextmanager
+def quiet_transformers():
+    """Silence transformers' load reports and weight-loading bars while esta loads anchors (expected: a base model
+    loaded from a classification checkpoint drops its classifier), then restore the user's settings."""
+    from transformers.utils import logging as hf_logging
+
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def load_anchor(source: str, num_labels: int | None = None, dtype: torch.dtype = torch.float32) -> Anchor:
     config, local = _config(source)
-    if family_kind(config) == "vision":
-        return load_vision_anchor(source, config, num_labels, local, dtype)
+    with quiet_transformers():
+        if family_kind(config) == "vision":
+            return load_vision_anchor(source, config, num_labels, local, dtype)
     raise AssertionError("unreachable")
 
 

@@ -1,0 +1,16 @@
+# make demo: set up (venv, CPU torch, esta) and run the demo. make test: set up and run the tests.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup demo test bench clean
+setup:
+	ESTA_VENV=$(VENV) scripts/setup.sh
+
+demo: setup
+	$(VENV)/bin/esta demo
+
+test: setup
+	$(PY) -m pytest
+
+clean:
+	rm -rf runs .pytest_cache
