@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -24,6 +24,7 @@ from .errors import EstaError
 from .evaluate import accuracy, spearman, sweep
 from .families import MINI_FAMILY, load_family
 from .importance import budget_groups
+from .methods import Method, get_method
 from .palette import Palette
 from .pst import PSTConfig
 from .report import pareto_plot, write_results
@@ -37,6 +38,7 @@ class AdaptConfig:
     anchors: list[str] = field(default_factory=lambda: [MINI_FAMILY])
     data: str = "animal-shapes"
     out_dir: str = "runs/demo"
+    method: str = "esta"  # see methods.METHODS: esta, esta-uniform, esta-shared-bias, snnet, anchors-lora
     kernel: int = 2
     stride: int = 1
     pairing: str = "nearest"
@@ -46,6 +48,9 @@ class AdaptConfig:
     budgets: list[float] | None = None  # GFLOPs; None: one deployment per budget group
     calibration_examples: int = 64
     eval_examples: int | None = 2000  # stratified subset of the test split for every accuracy; None = all
+    #: held out from the test split before the evaluation subset is drawn, so the two never overlap; only methods
+    #: that choose by validation (SN-Net's sweep, anchors-lora) look at it. Capped at a quarter of the test split.
+    validation_examples: int = 500
     sweep: bool = True  # evaluate every stitch (the honest check of the choice; SN-Net's way to choose)
     train_examples: int | str | None = "default"
     cache_dir: str | None = None
@@ -65,6 +70,7 @@ def materialize(dataset, indices) -> TensorImageDataset:
 
 
 def adapt(config: AdaptConfig) -> dict:
+    method = get_method(config.method)
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     seed = config.train.seed
@@ -79,9 +85,7 @@ def adapt(config: AdaptConfig) -> dict:
     torch.manual_seed(seed)
     for a in anchors:
         a.new_task_head(len(task.classes))
-    n_eval = len(task.test) if not config.eval_examples else min(config.eval_examples, len(task.test))
-    eval_set = materialize(task.test, stratified_split(task.test.labels, n_eval, seed)[0]
-                           if n_eval < len(task.test) else range(len(task.test)))
+    val_set, eval_set = held_out_sets(task.test, config.validation_examples, config.eval_examples, seed)
 
     # 2. the palette: stitching layers fitted by least squares, costs counted on the plain layers, then PST
     palette = Palette(anchors, kernel=config.kernel, stride=config.stride, pairing=config.pairing,
@@ -94,10 +98,11 @@ def adapt(config: AdaptConfig) -> dict:
     flops = [float(c.flops) for c in costs]
     if config.budgets:
         check_budgets([b * 1e9 for b in config.budgets], flops, unit=1e9, name=" GFLOPs")
-    palette.apply_pst(config.pst)
+    palette.apply_pst(method.pst(config.pst))
     # logged only now, after every check that can refuse the run, so a refusal is the only thing printed
-    log.info("task %s: %d classes, %d training examples, %d test examples (evaluating on %d)", task.name,
-             len(task.classes), len(task.train), len(task.test), len(eval_set))
+    log.info("task %s: %d classes, %d training examples, %d test examples (evaluating on %d, %d held out for "
+             "validation); method %s", task.name, len(task.classes), len(task.train), len(task.test),
+             len(eval_set), len(val_set), method.name)
     log.info("palette: %d stitches (%d anchors), %d stitching layers; trainable %d of %d parameters",
              len(palette), len(anchors), len(palette.stitching), palette.trainable_parameters(),
              palette.total_parameters())
@@ -106,16 +111,22 @@ def adapt(config: AdaptConfig) -> dict:
         "flops": [c.flops for c in costs], "params": [c.params for c in costs],
         "space": palette.space.to_dict()}, indent=1))
 
-    # 3. one training run for the whole palette
-    result = train(palette, task.train, flops, config.train, out_dir=out, resume=config.resume,
-                   progress=config.progress)
+    # 3. one training run for the whole palette (for anchors-lora: each anchor, as many steps each)
+    trained = palette.space.anchor_ids() if method.anchors_only else None
+    train_cfg = replace(config.train, sampling=method.sampling(config.train.sampling))
+    if trained is not None:
+        train_cfg = replace(train_cfg, epochs=train_cfg.epochs * len(trained),
+                            steps=train_cfg.steps * len(trained) if train_cfg.steps is not None else None)
+    result = train(palette, task.train, flops, train_cfg, out_dir=out, resume=config.resume,
+                   progress=config.progress, stitches=trained)
 
-    # 4. one-stage deployment: highest importance per budget, merged and saved
+    # 4. deployment: ESTA reads the importance scores; SN-Net sweeps the candidates on held-out data
     t0 = time.perf_counter()
-    budgets = [b * 1e9 for b in config.budgets] if config.budgets else None
-    choices = choose(result.groups, flops, result.importance, budgets)
-    select_seconds = time.perf_counter() - t0
     palette.eval()
+    budgets = [b * 1e9 for b in config.budgets] if config.budgets else None
+    choices = select(method, palette, result, flops, budgets, val_set, config.train.sampling.groups,
+                     config.progress)
+    select_seconds = time.perf_counter() - t0
     deployed_dirs = export_choices(palette, choices, flops, [c.params for c in costs], result.importance,
                                    task.name, task.classes, out / "deployed")
     deploy_seconds = time.perf_counter() - t0
@@ -123,7 +134,7 @@ def adapt(config: AdaptConfig) -> dict:
 
     # 5. the honest check: every stitch's accuracy, and every deployed model reloaded from disk
     t0 = time.perf_counter()
-    sweep_acc = sweep(palette, eval_set, progress=config.progress) if config.sweep else {}
+    sweep_acc = sweep(palette, eval_set, stitches=trained, progress=config.progress) if config.sweep else {}
     sweep_seconds = time.perf_counter() - t0
     deployed_acc = [accuracy(DeployedStitch.from_pretrained(d), eval_set) for d in deployed_dirs]
 
@@ -135,6 +146,31 @@ def adapt(config: AdaptConfig) -> dict:
     if config.sweep:
         pareto_plot(results, out / "pareto.png", title=f"ESTA on {task.name}: {len(palette)} stitches")
     return results
+
+
+def held_out_sets(test, validation_examples: int, eval_examples: int | None, seed: int):
+    """A stratified validation subset of the test split, and the evaluation subset drawn from the rest."""
+    labels = torch.as_tensor(test.labels)
+    n_val = min(max(validation_examples, 0), len(labels) // 4)
+    val_idx, rest = stratified_split(labels, n_val, seed + 11) if n_val else ([], list(range(len(labels))))
+    n_eval = len(rest) if not eval_examples else min(eval_examples, len(rest))
+    pick = stratified_split(labels[torch.as_tensor(rest)], n_eval, seed)[0] if n_eval < len(rest) else range(n_eval)
+    return materialize(test, val_idx), materialize(test, [int(rest[i]) for i in pick])
+
+
+def select(method: Method, palette: Palette, result: TrainResult, flops: list[float], budgets: list[float] | None,
+           val_set, groups: int, progress: bool = True) -> list[Choice]:
+    """One stitch per budget (default: per budget group): by importance, or by accuracy on held-out data."""
+    if method.deploy_by == "importance":
+        return choose(result.groups, flops, result.importance, budgets)
+    if len(val_set) == 0:
+        raise EstaError(f"method {method.name} chooses by validation accuracy but no examples are held out "
+                        "(validation_examples=0, or a test split under 4 examples)")
+    trained = sorted(s for g in result.groups for s in g)
+    val_acc = sweep(palette, val_set, stitches=trained, progress=progress)
+    if budgets is None:  # the palette's own budget groups, so every method answers the same budgets
+        budgets = [max(flops[s] for s in g) for g in budget_groups(flops, groups)]
+    return choose(result.groups, flops, val_acc, budgets)
 
 
 def _results(config: AdaptConfig, task, palette: Palette, costs, result: TrainResult, choices: list[Choice],
@@ -164,7 +200,7 @@ def _results(config: AdaptConfig, task, palette: Palette, costs, result: TrainRe
     accs = [d["accuracy"] for d in deployed]
     anchor_acc = {f"anchor{s.front}": sweep_acc.get(s.id) for s in palette.space.stitches if s.is_anchor}
     return {
-        "task": task.name, "classes": task.classes, "anchors": [a.source for a in palette.anchors],
+        "method": config.method, "task": task.name, "classes": task.classes, "anchors": [a.source for a in palette.anchors],
         "eval_examples": n_eval, "train_examples": len(task.train),
         "space": {k: v for k, v in palette.space.to_dict().items() if k != "stitches"},
         "stitches": stitches,
@@ -172,6 +208,7 @@ def _results(config: AdaptConfig, task, palette: Palette, costs, result: TrainRe
         "summary": {
             "spearman_budget_accuracy": spearman([d["budget"] for d in deployed], accs),
             "mean_deployed_accuracy": sum(accs) / len(accs) if accs else None,
+            "group_accuracy": accs,
             "mean_regret": (sum(d["regret"] for d in deployed) / len(deployed)) if sweep_acc and deployed else None,
             "anchor_accuracy": anchor_acc,
         },
@@ -193,8 +230,9 @@ def load_run(run_dir: str | Path) -> tuple[Palette, dict]:
     palette = Palette(anchors, kernel=cfg["kernel"], stride=cfg["stride"], pairing=cfg["pairing"],
                       two_way=cfg["two_way"])
     pst = cfg["pst"]
-    palette.apply_pst(PSTConfig(**{**pst, "lora_targets": tuple(pst["lora_targets"]),
-                                   "no_bias_targets": tuple(pst["no_bias_targets"])}))
+    method = get_method(cfg.get("method", "esta"))
+    palette.apply_pst(method.pst(PSTConfig(**{**pst, "lora_targets": tuple(pst["lora_targets"]),
+                                              "no_bias_targets": tuple(pst["no_bias_targets"])})))
     load_adaptation(run_dir / "checkpoint", palette)
     info["importance"] = [float(v) for v in load_sampler_state(run_dir / "checkpoint")["importance"]]
     return palette.eval(), info
@@ -203,6 +241,10 @@ def load_run(run_dir: str | Path) -> tuple[Palette, dict]:
 def redeploy(run_dir: str | Path, budgets: list[float] | None, out_dir: str | Path | None = None) -> list[dict]:
     """Deploy again from a finished run, e.g. for other budgets (GFLOPs): no retraining, no evaluation sweep."""
     palette, info = load_run(run_dir)
+    method = get_method(info["config"].get("method", "esta"))
+    if method.deploy_by != "importance":
+        raise EstaError(f"{run_dir} was trained with --method {method.name}, which deploys by a validation sweep, "
+                        "not by importance; only importance-based runs can be redeployed without data")
     flops = [float(f) for f in info["flops"]]
     sampling = info["config"]["train"]["sampling"]
     groups = budget_groups(flops, sampling["groups"])

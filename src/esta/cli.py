@@ -68,12 +68,16 @@ def _adapt_config(args: argparse.Namespace, **overrides):
 
     sampling = SamplingConfig(groups=args.groups, beta=args.beta, tau=args.tau, eps=args.eps,
                               uniform=args.uniform_sampling)
-    train_cfg = TrainConfig(epochs=args.epochs, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+    from .methods import get_method
+
+    lr = args.lr if args.lr is not None else get_method(args.method).lr
+    train_cfg = TrainConfig(epochs=args.epochs, steps=args.steps, batch_size=args.batch_size, lr=lr,
                             seed=args.seed, sampling=sampling, checkpoint_every=args.checkpoint_every)
     pst = PSTConfig(lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
                     lora_targets=tuple(args.lora_targets.split(",")) if args.lora_targets else (),
                     stitch_lora_rank=args.stitch_lora_rank, bias=args.bias)
-    cfg = dict(anchors=args.anchors, data=args.data, out_dir=args.out, kernel=args.kernel, stride=args.stride,
+    cfg = dict(anchors=args.anchors, data=args.data, out_dir=args.out, method=args.method,
+               validation_examples=args.validation_examples, kernel=args.kernel, stride=args.stride,
                pairing=args.pairing, two_way=args.two_way, pst=pst, train=train_cfg,
                budgets=_floats(args.budgets) if args.budgets else None,
                eval_examples=args.eval_examples or None, sweep=not args.no_sweep, resume=args.resume,
@@ -84,7 +88,7 @@ def _adapt_config(args: argparse.Namespace, **overrides):
 
 def _print_summary(results: dict, out: str) -> None:
     s = results["summary"]
-    print(f"\n{len(results['stitches'])} stitches adapted to {results['task']} in "
+    print(f"\n[{results['method']}] {len(results['stitches'])} stitches adapted to {results['task']} in "
           f"{results['train']['seconds']:.0f} s ({results['train']['trainable_params']:,} trainable of "
           f"{results['train']['total_params']:,} parameters)")
     print(f"{'budget GFLOPs':>14} {'stitch':>24} {'GFLOPs':>7} {'acc %':>6} {'best %':>7} {'regret':>7}")
@@ -164,7 +168,10 @@ def _train_args(p: argparse.ArgumentParser, out: str, epochs: float) -> None:
     p.add_argument("--epochs", type=float, default=epochs, help=f"passes over the training set (default {epochs:g})")
     p.add_argument("--steps", type=int, default=None, help="training steps (overrides --epochs)")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--method", default="esta",
+                   help="esta (default), esta-uniform, esta-shared-bias, snnet (SN-Net direct adaptation) or "
+                   "anchors-lora (each anchor alone with LoRA)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: the method's, 2e-3; snnet 1e-4)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lora-rank", type=int, default=8)
     p.add_argument("--lora-alpha", type=float, default=16.0)
@@ -180,6 +187,8 @@ def _train_args(p: argparse.ArgumentParser, out: str, epochs: float) -> None:
     p.add_argument("--budgets", default="", help="comma-separated GFLOPs budgets to deploy (default: one per group)")
     p.add_argument("--eval-examples", type=int, default=2000,
                    help="stratified test examples for every accuracy (0 = the whole test split)")
+    p.add_argument("--validation-examples", type=int, default=500,
+                   help="test examples held out (never evaluated on) for methods that choose by validation")
     p.add_argument("--no-sweep", action="store_true", help="skip evaluating every stitch")
     p.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")

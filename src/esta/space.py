@@ -59,6 +59,10 @@ class StitchSpace:
     pairing: Pairing
     two_way: bool
 
+    def anchor_ids(self) -> list[int]:
+        """The ids of the anchors themselves (the stitches with no cut), smallest anchor first."""
+        return sorted((s.id for s in self.stitches if s.is_anchor), key=lambda i: self.stitches[i].front)
+
     def __len__(self) -> int:
         return len(self.stitches)
 

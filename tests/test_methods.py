@@ -1,0 +1,65 @@
+"""Baselines and ablations run through the same pipeline and differ only where they should."""
+
+import pytest
+import torch
+
+from esta.adapt import AdaptConfig, adapt, held_out_sets, load_run
+from esta.data import TensorImageDataset
+from esta.errors import EstaError
+from esta.importance import SamplingConfig
+from esta.methods import METHODS, get_method
+from esta.train import TrainConfig
+from test_cli import image_folder
+
+
+def run(tmp_path, family, method: str, **kw) -> dict:
+    data = image_folder(tmp_path / "data", per_class=12)
+    cfg = AdaptConfig(anchors=family, data=str(data), out_dir=str(tmp_path / method), method=method,
+                      train=TrainConfig(steps=6, batch_size=8, sampling=SamplingConfig(groups=3)),
+                      validation_examples=6, progress=False, **kw)
+    return adapt(cfg)
+
+
+def test_unknown_method_is_refused():
+    with pytest.raises(EstaError, match="unknown method 'lora'.*snnet"):
+        get_method("lora")
+
+
+def test_validation_and_evaluation_sets_never_overlap():
+    labels = torch.arange(40) % 4
+    images = torch.arange(40, dtype=torch.uint8).view(40, 1, 1, 1).expand(40, 1, 2, 2).contiguous()
+    val, ev = held_out_sets(TensorImageDataset(images, labels), 8, 20, seed=0)
+    ids = lambda d: {int(x) for x in d.images[:, 0, 0, 0]}  # noqa: E731
+    assert len(val) == 8 and len(ev) == 20 and not ids(val) & ids(ev)
+    assert sorted(val.labels.tolist()) == [0, 0, 1, 1, 2, 2, 3, 3]  # stratified
+
+
+def test_snnet_fine_tunes_everything_and_deploys_by_validation(tmp_path, vit_family):
+    r = run(tmp_path, vit_family, "snnet")
+    assert r["method"] == "snnet"
+    assert r["train"]["trainable_params"] == r["train"]["total_params"]  # anchors + stitching layers, no LoRA
+    assert len(r["deployed"]) == 3 and len(r["summary"]["group_accuracy"]) == 3
+    palette, _ = load_run(tmp_path / "snnet")  # reloads as a full fine-tune, no PST layers
+    assert not any("lora" in n for n, _ in palette.named_parameters())
+
+
+def test_anchors_lora_trains_and_deploys_only_anchors(tmp_path, vit_family):
+    r = run(tmp_path, vit_family, "anchors-lora")
+    anchors = {s["id"] for s in r["stitches"] if s["is_anchor"]}
+    assert {s["id"] for s in r["stitches"] if s["updates"]} <= anchors
+    assert {d["stitch_id"] for d in r["deployed"]} <= anchors and len(r["deployed"]) == 3
+    assert all(s["accuracy"] is None for s in r["stitches"] if s["id"] not in anchors)  # only anchors swept
+
+
+def test_shared_bias_ablation_has_one_bias_per_layer(tmp_path, vit_family):
+    run(tmp_path, vit_family, "esta-shared-bias", sweep=False)
+    palette, _ = load_run(tmp_path / "esta-shared-bias")
+    keys = {n.rsplit(".", 1)[-1] for n, _ in palette.named_parameters() if "stitch_bias" in n}
+    assert keys == {"shared"}
+
+
+def test_every_method_is_listed_in_the_cli_help():
+    from esta.cli import build_parser
+
+    text = build_parser()._subparsers._group_actions[0].choices["train"].format_help()
+    assert all(m in text for m in METHODS)
