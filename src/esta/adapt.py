@@ -137,9 +137,17 @@ def adapt(config: AdaptConfig) -> dict:
     sweep_acc = sweep(palette, eval_set, stitches=trained, progress=config.progress) if config.sweep else {}
     sweep_seconds = time.perf_counter() - t0
     deployed_acc = [accuracy(DeployedStitch.from_pretrained(d), eval_set) for d in deployed_dirs]
+    # held-out accuracy of the chosen stitches: what a learning-rate sweep may look at (never the evaluation set)
+    val_acc = [accuracy(lambda x, s=c.stitch_id: palette(x, stitch=s), val_set) for c in choices] if len(val_set) \
+        else [None] * len(choices)
 
     results = _results(config, task, palette, costs, result, choices, sweep_acc, deployed_acc, deployed_dirs,
                        len(eval_set))
+    for d, v in zip(results["deployed"], val_acc):
+        d["validation_accuracy"] = v
+    results["summary"]["mean_validation_accuracy"] = (sum(val_acc) / len(val_acc)) if val_acc and len(val_set) \
+        else None
+    results["validation_examples"] = len(val_set)
     results["timing"] = {"train_seconds": result.seconds, "select_seconds": select_seconds,
                          "deploy_seconds": deploy_seconds, "sweep_seconds": sweep_seconds}
     write_results(results, out)
@@ -214,6 +222,7 @@ def _results(config: AdaptConfig, task, palette: Palette, costs, result: TrainRe
         },
         "train": {"seconds": result.seconds, "steps": result.steps, "trainable_params": result.trainable_params,
                   "total_params": result.total_params, "peak_rss_mb": result.peak_rss_mb,
+                  "train_rss_increase_mb": result.train_rss_increase_mb,
                   "final_loss": result.final_loss},
         "config": config.to_dict(),
     }

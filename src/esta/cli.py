@@ -149,6 +149,39 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from .analysis import GradAngleConfig, grad_angles
+
+    cfg = GradAngleConfig(anchors=args.anchors, source=args.source, target=args.target, stitches=args.stitches,
+                          batch=args.batch, seed=args.seed, out_dir=args.out, progress=not args.no_progress)
+    r = grad_angles(cfg)
+    for role, t in r["tasks"].items():
+        print(f"{role} ({t['task']}): {t['pairs']} stitch pairs, mean angle {t['mean_deg']:.1f}°, median "
+              f"{t['median_deg']:.1f}°, {100 * t['fraction_over_90']:.1f}% over 90°")
+    print(f"wrote {args.out}/grad_angles.json and {args.out}/grad_angles.png")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import BenchConfig, run_bench
+
+    kw = {"out_dir": args.out, "progress": not args.no_progress}
+    for name in ("anchors", "tasks", "methods"):
+        if getattr(args, name):
+            kw[name] = getattr(args, name).split(",") if name != "anchors" else getattr(args, name)
+    if args.seeds:
+        kw["seeds"] = _ints(args.seeds)
+    if args.epochs is not None:
+        kw["epochs"] = args.epochs
+    if args.no_lr_sweep:
+        kw["lr_sweep"] = False
+    cfg = BenchConfig.quick(**kw) if args.quick else BenchConfig(**kw)
+    bench = run_bench(cfg)
+    print((Path(cfg.out_dir) / "bench.md").read_text())
+    print(f"bench took {bench['seconds']:.0f} s; wrote {cfg.out_dir}/bench.json, bench.md, pareto-<task>.png")
+    return 0
+
+
 # -- argument parsing --------------------------------------------------------------------------------------------
 def _space_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kernel", type=int, default=2, help="stitching window size (default 2)")
@@ -207,6 +240,30 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="adapt a family to a task with ESTA, deploy per budget, report")
     _train_args(p, "runs/train", DEMO_EPOCHS)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("bench", help="every method on every task, same data/epochs/seeds: bench.json, table, plots")
+    p.add_argument("--quick", action="store_true", help="one seed, 3 epochs, small evaluation sets (<= 10 min)")
+    p.add_argument("--anchors", nargs="+", default=None, help="the family (default esta-mini)")
+    p.add_argument("--tasks", default="", help="comma-separated (default animal-shapes,mnist,digits)")
+    p.add_argument("--methods", default="", help="comma-separated (default all five)")
+    p.add_argument("--seeds", default="", help="comma-separated (default 0,1; quick: 0)")
+    p.add_argument("--epochs", type=float, default=None, help="epochs per run (default 12; quick: 3)")
+    p.add_argument("--no-lr-sweep", action="store_true", help="use each method's default learning rate")
+    p.add_argument("--out", default="runs/bench")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("analyze", help="analyses of a family: grad-angles (the paper's Fig. 2)")
+    p.add_argument("analysis", choices=["grad-angles"])
+    p.add_argument("--anchors", nargs="+", default=["esta-mini"])
+    p.add_argument("--source", default="fashion-mnist", help="the anchors' own task (their classifiers are kept)")
+    p.add_argument("--target", default="animal-shapes", help="a new task (new heads)")
+    p.add_argument("--stitches", type=int, default=24, help="stitches compared (evenly spaced, anchors included)")
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/grad-angles")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("deploy", help="deploy again from a finished run, e.g. for other budgets")
     p.add_argument("--run", required=True, help="the run folder (with run.json and checkpoint/)")

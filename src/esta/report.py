@@ -50,3 +50,29 @@ def pareto_plot(results: dict, path: Path, title: str = "") -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
+
+
+def bench_plot(methods: dict, path: Path, title: str = "") -> None:
+    """One task of a bench: each method's deployed stitch per budget (mean over seeds), all methods overlaid."""
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    styles = {"esta": ("crimson", "-o"), "esta-uniform": ("tab:orange", "--s"), "esta-shared-bias": ("tab:purple", ":^"),
+              "snnet": ("tab:blue", "-D"), "anchors-lora": ("goldenrod", "*")}
+    for name, r in methods.items():
+        colour, style = styles.get(name, ("grey", "-x"))
+        xs = [f / 1e9 for f in r["group_flops"]]
+        ys = [100 * a for a in r["group_accuracy"]]
+        if name == "anchors-lora":  # the stars: each anchor fine-tuned alone, only at the cost of an anchor
+            pts = sorted(set(zip(xs, ys)))
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker="*", s=220, color=colour,
+                       edgecolor="black", zorder=4, label=name)
+        else:
+            ax.plot(xs, ys, style, color=colour, ms=5, lw=1.2, label=f"{name} ({100 * r['mean_accuracy']:.1f}%)")
+    ax.set_xlabel("GFLOPs per image (deployed stitch)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)

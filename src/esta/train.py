@@ -58,6 +58,9 @@ class TrainResult:
     trainable_params: int
     total_params: int
     peak_rss_mb: float
+    #: how far training raised the peak above the memory held when it began (the process's own runtime, the data
+    #: and the frozen weights are below that line); the part of the peak that the method is responsible for
+    train_rss_increase_mb: float
     final_loss: float
     importance: list[float]
     updates: list[int]
@@ -139,6 +142,14 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
 
 
+def rss_mb() -> float:
+    """This process's resident memory now (Linux /proc; 0 where unavailable)."""
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize() / 2**20
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 def train(palette: Palette, train_set: Dataset, costs: list[float], config: TrainConfig, *,
           loss_fn: LossFn = classification_loss, out_dir: str | Path | None = None, resume: bool = False,
           accelerator: Accelerator | None = None, collate_fn: Callable | None = None,
@@ -151,7 +162,7 @@ def train(palette: Palette, train_set: Dataset, costs: list[float], config: Trai
     """
     if palette.pst is None:
         raise EstaError("apply PST (palette.apply_pst) before training")
-    start_time = time.perf_counter()
+    start_time, rss_start = time.perf_counter(), rss_mb()
     accelerator = accelerator or make_accelerator()
     set_seed(config.seed)
     candidates = list(range(len(palette))) if stitches is None else list(stitches)
@@ -222,9 +233,10 @@ def train(palette: Palette, train_set: Dataset, costs: list[float], config: Trai
     return TrainResult(
         steps=total_steps,
         seconds=time.perf_counter() - start_time,
-        trainable_params=palette.trainable_parameters(),
+        trainable_params=sum(p.numel() for p in {id(p): p for s in candidates for p in path_params[s]}.values()),
         total_params=palette.total_parameters(),
         peak_rss_mb=peak_rss_mb(),
+        train_rss_increase_mb=max(0.0, peak_rss_mb() - rss_start),
         final_loss=ema if ema is not None else loss_value,
         importance=[float(v) for v in sampler.importance],
         updates=[int(v) for v in sampler.updates],

@@ -1,0 +1,31 @@
+import json
+
+from esta.bench import BenchConfig, run_bench, slug
+from test_cli import image_folder
+
+FIELDS = {"group_accuracy", "mean_accuracy", "train_seconds", "trainable_params", "peak_rss_mb", "deploy_seconds",
+          "mean_regret"}
+
+
+def test_bench_runs_every_method_side_by_side_and_reuses_finished_runs(tmp_path, vit_family, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", str(__import__("pathlib").Path(__file__).resolve().parents[1] / "src"))
+    data = str(image_folder(tmp_path / "data", per_class=40))
+    cfg = BenchConfig.quick(anchors=vit_family, tasks=[data], methods=["esta", "snnet"], epochs=1.0,
+                            out_dir=str(tmp_path / "bench"), progress=False)
+    bench = run_bench(cfg)
+    on_disk = json.loads((tmp_path / "bench" / "bench.json").read_text())
+    assert on_disk["tasks"].keys() == {data}
+    for method in ("esta", "snnet"):
+        r = on_disk["tasks"][data][method]
+        assert FIELDS <= r.keys() and len(r["group_accuracy"]) == 10
+    esta, snnet = on_disk["tasks"][data]["esta"], on_disk["tasks"][data]["snnet"]
+    assert esta["trainable_params"] < snnet["trainable_params"]  # PST against full fine-tuning
+    assert bench["claims"][data]["trainable_params_ratio"] < 1
+    assert "| esta |" in (tmp_path / "bench" / "bench.md").read_text()
+    assert (tmp_path / "bench" / f"pareto-{slug(data)}.png").stat().st_size > 5_000
+    assert not list((tmp_path / "data").rglob("results.json"))  # runs live under the bench folder
+    # a second start reuses the finished runs instead of training again
+    results = sorted((tmp_path / "bench").rglob("results.json"))
+    mtimes = [p.stat().st_mtime for p in results]
+    run_bench(cfg)
+    assert [p.stat().st_mtime for p in results] == mtimes
