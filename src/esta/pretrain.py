@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from transformers import ViTConfig, ViTForImageClassification
 
 from .data import load_image_task
@@ -89,10 +91,13 @@ def pretrain_one(name: str, out_dir: Path, config: PretrainConfig, progress: boo
                              {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(warmup, total))
     gen = torch.Generator().manual_seed(config.seed)
-    start = time.perf_counter()
+    resume_dir = out_dir / f".{name}.resume"  # end-of-epoch state: a crash loses at most the running epoch
+    first_epoch, spent = _load_resume(resume_dir, model, opt, sched, gen)
+    start = time.perf_counter() - spent
     model.train()
-    bar = tqdm(total=total, desc=f"pretraining {name}", disable=not progress)
-    for epoch in range(epochs):
+    bar = tqdm(total=total, initial=first_epoch * steps_per_epoch, desc=f"pretraining {name}",
+               disable=not progress)
+    for epoch in range(first_epoch, epochs):
         perm = torch.randperm(len(labels), generator=gen)
         for k in range(steps_per_epoch):
             idx = perm[k * config.batch_size:(k + 1) * config.batch_size]
@@ -104,6 +109,7 @@ def pretrain_one(name: str, out_dir: Path, config: PretrainConfig, progress: boo
             opt.zero_grad(set_to_none=True)
             bar.update(1)
             bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}")
+        _save_resume(resume_dir, model, opt, sched, gen, epoch + 1, time.perf_counter() - start)
     bar.close()
     seconds = time.perf_counter() - start
     model.eval()
@@ -120,8 +126,32 @@ def pretrain_one(name: str, out_dir: Path, config: PretrainConfig, progress: boo
             "fashion_mnist_test_accuracy": test_acc, "train_seconds": round(seconds, 1),
             "params": sum(p.numel() for p in model.parameters()), "config": asdict(config)}
     (folder / "pretrain.json").write_text(json.dumps(info, indent=1))
+    shutil.rmtree(resume_dir, ignore_errors=True)
     log.info("%s: Fashion-MNIST test accuracy %.4f (%d epochs, %.0f s)", name, test_acc, epochs, seconds)
     return info
+
+
+def _save_resume(folder: Path, model, opt, sched, gen: torch.Generator, epoch: int, seconds: float) -> None:
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
+    torch.save({"opt": opt.state_dict(), "sched": sched.state_dict(), "gen": gen.get_state(), "epoch": epoch,
+                "seconds": seconds}, tmp / "state.pt")
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)  # the old state is replaced only once the new one is whole
+
+
+def _load_resume(folder: Path, model, opt, sched, gen: torch.Generator) -> tuple[int, float]:
+    if not (folder / "state.pt").is_file():
+        return 0, 0.0
+    model.load_state_dict(load_file(str(folder / "model.safetensors")))
+    state = torch.load(folder / "state.pt", weights_only=True)  # tensors and plain containers only
+    opt.load_state_dict(state["opt"])
+    sched.load_state_dict(state["sched"])
+    gen.set_state(state["gen"])
+    log.info("resuming pretraining from %s after epoch %d", folder, state["epoch"])
+    return int(state["epoch"]), float(state["seconds"])
 
 
 def pretrain(out_dir: str | Path, names: list[str] | None = None, config: PretrainConfig | None = None,

@@ -1,0 +1,34 @@
+import torch
+
+from esta.pretrain import _load_resume, _save_resume, mini_config
+from esta.train import warmup_cosine
+from transformers import ViTForImageClassification
+
+
+def parts(seed: int = 0):
+    torch.manual_seed(seed)
+    model = ViTForImageClassification(mini_config(8, 2, ["a", "b"]))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(2, 10))
+    return model, opt, sched, torch.Generator().manual_seed(seed)
+
+
+def step(model, opt, sched, gen):
+    x = torch.randn(4, 1, 28, 28, generator=gen)
+    model(pixel_values=x).logits.sum().backward()
+    opt.step()
+    sched.step()
+    opt.zero_grad()
+
+
+def test_pretraining_resumes_exactly_from_the_last_epoch(tmp_path):
+    a = parts()
+    step(*a)
+    _save_resume(tmp_path / ".m.resume", *a, epoch=1, seconds=12.5)
+    step(*a)  # the uninterrupted run goes on...
+    b = parts(seed=1)  # ...and a fresh process resumes from disk
+    assert _load_resume(tmp_path / ".m.resume", *b) == (1, 12.5)
+    step(*b)
+    for (n, p), q in zip(a[0].state_dict().items(), b[0].state_dict().values()):
+        torch.testing.assert_close(p, q, msg=n)
+    assert _load_resume(tmp_path / "absent", *parts()) == (0, 0.0)
