@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench bench-quick clean
 setup:
 	ESTA_VENV=$(VENV) scripts/setup.sh
 
@@ -11,6 +11,12 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest
+
+bench: setup
+	$(VENV)/bin/esta bench
+
+bench-quick: setup
+	$(VENV)/bin/esta bench --quick
 
 clean:
 	rm -rf runs .pytest_cache

@@ -10,12 +10,15 @@ each budget as a standalone model.
 """
 
 from .adapt import AdaptConfig, adapt, load_run, redeploy
+from .analysis import GradAngleConfig, grad_angles
+from .bench import BenchConfig, run_bench
 from .cost import StitchCost, count_costs
 from .deploy import DeployedStitch, choose
 from .errors import EstaError
 from .evaluate import accuracy, sweep
 from .families import Anchor, VisionAnchor, load_anchor, load_family
 from .importance import ImportanceSampler, SamplingConfig, budget_groups, snip_score
+from .methods import METHODS, Method, get_method
 from .palette import Palette, run_stitch
 from .pst import PSTConfig, StitchLinear
 from .space import Stitch, StitchSpace, build_space
@@ -25,6 +28,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdaptConfig", "adapt", "load_run", "redeploy",
+    "GradAngleConfig", "grad_angles", "BenchConfig", "run_bench", "METHODS", "Method", "get_method",
     "StitchCost", "count_costs",
     "DeployedStitch", "choose",
     "EstaError",
