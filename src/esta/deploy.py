@@ -64,9 +64,10 @@ def check_budgets(budgets: list[float], costs: list[float], unit: float = 1.0, n
 
 
 def _anchor_class(family: str) -> type[Anchor]:
+    from .families.causal_lm import CausalLMAnchor
     from .families.vision import VisionAnchor
 
-    classes = {"vision": VisionAnchor}
+    classes = {"vision": VisionAnchor, "causal-lm": CausalLMAnchor}
     if family not in classes:
         raise EstaError(f"unknown anchor family {family!r} in a deployed stitch")
     return classes[family]

@@ -10,9 +10,10 @@ from transformers import AutoConfig
 
 from ..errors import EstaError
 from .base import Anchor
+from .causal_lm import LM_MODELS, CausalLMAnchor, check_tokenizers, load_causal_lm_anchor
 from .vision import PREFIX_TOKENS, VISION_MODELS, VisionAnchor, load_vision_anchor
 
-__all__ = ["Anchor", "VisionAnchor", "load_anchor", "load_family", "family_kind", "MINI_FAMILY", "mini_family_paths"]
+__all__ = ["Anchor", "VisionAnchor", "CausalLMAnchor", "load_anchor", "load_family", "family_kind", "MINI_FAMILY", "mini_family_paths"]
 
 #: esta's own pretrained mini DeiT family (Fashion-MNIST), shipped inside the package.
 MINI_FAMILY = "esta-mini"
@@ -42,9 +43,11 @@ def _config(source: str) -> tuple[object, bool]:
 def family_kind(config: object) -> str:
     if getattr(config, "model_type", None) in VISION_MODELS:
         return "vision"
+    if getattr(config, "model_type", None) in LM_MODELS:
+        return "causal-lm"
     raise EstaError(
         f"model type {getattr(config, 'model_type', '?')!r} is not supported as an anchor; "
-        f"vision anchors: {', '.join(sorted(VISION_MODELS))}"
+        f"vision anchors: {', '.join(sorted(VISION_MODELS))}; causal LMs: {', '.join(LM_MODELS)}"
     )
 
 
@@ -70,6 +73,8 @@ def load_anchor(source: str, num_labels: int | None = None, dtype: torch.dtype =
     with quiet_transformers():
         if family_kind(config) == "vision":
             return load_vision_anchor(source, config, num_labels, local, dtype)
+        if family_kind(config) == "causal-lm":
+            return load_causal_lm_anchor(source, config, local, dtype)
     raise AssertionError("unreachable")
 
 
@@ -91,6 +96,8 @@ def load_family(sources: list[str] | str, num_labels: int | None = None,
         raise EstaError(f"cannot stitch anchors of different kinds: {sorted(kinds)}")
     if kinds == {"vision"}:
         _check_vision(sources, configs)
+    if kinds == {"causal-lm"}:
+        check_tokenizers(sources)
     anchors = [load_anchor(s, num_labels, dtype) for s in sources]
     return sorted(anchors, key=lambda a: sum(p.numel() for p in a.blocks.parameters()))
 

@@ -1,0 +1,144 @@
+"""Causal language models from transformers (LLaMA, Qwen2, Mistral architectures) as anchors.
+
+Inputs are a dict ``{"input_ids": [B, T], "attention_mask": [B, T] (optional), "caches": {...} (optional)}``. Each
+anchor computes its own context from them: its own rotary table (head sizes and rope settings differ across
+sizes), its own causal / sliding-window masks, and its own KV cache, kept in ``inputs["caches"]`` under the
+anchor's identity. A stitch therefore carries one cache per part, and every block writes to its own anchor's cache
+at its own layer index. The head is the anchor's final RMSNorm and LM head (both frozen: the task is language).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoConfig, DynamicCache, PretrainedConfig
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+from ..errors import EstaError
+from .base import Anchor, class_path, import_transformers_class
+
+LM_MODELS = ("llama", "qwen2", "mistral")
+
+
+class CausalLMAnchor(Anchor):
+    family = "causal-lm"
+    default_lora_targets = ("q_proj", "k_proj", "v_proj")
+
+    def __init__(self, config: PretrainedConfig, embed_tokens: nn.Module | None, blocks: nn.ModuleList,
+                 norm: nn.Module | None, lm_head: nn.Module | None, rotary: nn.Module, first_block: int = 0,
+                 source: str = "") -> None:
+        super().__init__(config, blocks, first_block, source)
+        self.embed_tokens = embed_tokens
+        self.norm = norm
+        self.lm_head = lm_head
+        self.rotary = rotary
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.config.vocab_size)
+
+    # -- the pieces --------------------------------------------------------------------------------------------
+    def embed(self, inputs: dict) -> torch.Tensor:
+        ids = inputs["input_ids"]
+        if ids.dim() != 2:
+            raise EstaError(f"input_ids must be [batch, tokens], got {list(ids.shape)}")
+        return self.embed_tokens(ids)
+
+    def context(self, inputs: dict, hidden: torch.Tensor) -> dict:
+        caches = inputs.get("caches")
+        cache = None
+        if caches is not None:  # one cache per anchor (per part of a stitch), created on first use
+            cache = caches.setdefault(id(self), DynamicCache(config=self.config))
+        past = cache.get_seq_length() if cache is not None else 0
+        position_ids = inputs.get("position_ids")
+        if position_ids is None:
+            position_ids = (torch.arange(hidden.shape[1], device=hidden.device) + past).unsqueeze(0)
+        mask_kwargs = dict(config=self.config, inputs_embeds=hidden, attention_mask=inputs.get("attention_mask"),
+                           cache=cache, position_ids=position_ids)
+        masks = {"full_attention": create_causal_mask(**mask_kwargs)}
+        if "sliding_attention" in (getattr(self.config, "layer_types", None) or []):
+            masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
+        return {"position_embeddings": self.rotary(hidden, position_ids), "position_ids": position_ids,
+                "masks": masks, "cache": cache}
+
+    def block(self, i: int, hidden: torch.Tensor, ctx: dict) -> torch.Tensor:
+        types = getattr(self.config, "layer_types", None)
+        kind = types[i] if types else "full_attention"
+        out = self.block_module(i)(hidden, attention_mask=ctx["masks"][kind],
+                                   position_embeddings=ctx["position_embeddings"],
+                                   position_ids=ctx["position_ids"], cache=ctx["cache"],
+                                   use_cache=ctx["cache"] is not None)
+        return out[0] if isinstance(out, tuple) else out
+
+    def head(self, hidden: torch.Tensor, ctx: Any) -> torch.Tensor:
+        return self.lm_head(self.norm(hidden))
+
+    def token_mask(self, inputs: dict) -> torch.Tensor | None:
+        m = inputs.get("attention_mask")
+        return m.bool() if m is not None else None
+
+    def embed_modules(self) -> dict[str, nn.Module]:
+        return {"embed_tokens": self.embed_tokens} if self.embed_tokens is not None else {}
+
+    def head_modules(self) -> dict[str, nn.Module]:
+        return {"norm": self.norm, "lm_head": self.lm_head} if self.lm_head is not None else {}
+
+    # -- saving parts ------------------------------------------------------------------------------------------
+    def spec(self) -> dict:
+        config = self.config.to_dict()
+        if config.get("model_type") in ("llama", "mistral"):
+            config["attention_bias"] = True  # merged stitch-specific biases need a bias on q/k/v (and o)
+        config["tie_word_embeddings"] = False  # a stitch's embedding and LM head come from different anchors
+        return {"family": self.family, "config": config, "block_class": class_path(self.blocks[0]),
+                "norm_class": class_path(self.norm if self.norm is not None else self.blocks[0].input_layernorm),
+                "rotary_class": class_path(self.rotary), "source": self.source}
+
+    @classmethod
+    def build_part(cls, spec: dict, first_block: int, last_block: int, embed: bool, head: bool) -> "CausalLMAnchor":
+        cfg = dict(spec["config"])
+        config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+        config._attn_implementation = "sdpa"
+        block_cls = import_transformers_class(spec["block_class"])
+        blocks = nn.ModuleList([block_cls(config, layer_idx=i) for i in range(first_block, last_block + 1)])
+        embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id) if embed else None
+        norm = import_transformers_class(spec["norm_class"])(config.hidden_size, eps=config.rms_norm_eps) \
+            if head else None
+        lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False) if head else None
+        rotary = import_transformers_class(spec["rotary_class"])(config=config)
+        return cls(config, embed_tokens, blocks, norm, lm_head, rotary, first_block, spec.get("source", ""))
+
+
+def load_causal_lm_anchor(source: str, config: PretrainedConfig, local: bool, dtype: torch.dtype = torch.float32,
+                          gguf_file: str | None = None) -> CausalLMAnchor:
+    from transformers import AutoModelForCausalLM
+
+    kw = {"gguf_file": gguf_file} if gguf_file else {}
+    full = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=local,
+                                                trust_remote_code=False, **kw)
+    full.requires_grad_(False)
+    m = full.model
+    lm_head = full.lm_head
+    if lm_head.weight is m.embed_tokens.weight:  # tied: untie, so the two can be told apart in a stitch
+        lm_head = nn.Linear(lm_head.in_features, lm_head.out_features, bias=False, dtype=lm_head.weight.dtype)
+        lm_head.weight = nn.Parameter(m.embed_tokens.weight.detach().clone(), requires_grad=False)
+    return CausalLMAnchor(full.config, m.embed_tokens, m.layers, m.norm, lm_head, m.rotary_emb, source=source)
+
+
+def check_tokenizers(sources: list[str]) -> None:
+    """Refuse anchors whose tokenizers differ: a stitch feeds the front anchor's tokens to the end anchor's head."""
+    from transformers import AutoTokenizer
+
+    vocabs = []
+    for s in sources:
+        try:
+            vocabs.append(AutoTokenizer.from_pretrained(s, trust_remote_code=False).get_vocab())
+        except Exception as e:  # noqa: BLE001 - no tokenizer means we cannot check: say so
+            raise EstaError(f"cannot load the tokenizer of anchor {s!r} to compare vocabularies: {e}") from e
+    for s, v in zip(sources[1:], vocabs[1:]):
+        if v != vocabs[0]:
+            diff = len(set(v.items()) ^ set(vocabs[0].items()))
+            raise EstaError(f"anchors cannot be stitched: the tokenizers of {sources[0]} and {s} differ "
+                            f"({len(vocabs[0])} vs {len(v)} tokens, {diff} entries differ); a family must share one "
+                            "tokenizer")

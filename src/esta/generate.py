@@ -1,0 +1,57 @@
+"""Text generation through any stitch (in a palette or deployed), with a KV cache per part of the stitch.
+
+``model`` is any callable ``inputs -> logits`` over causal-LM anchors: ``lambda x: palette(x, stitch=k)`` or a
+:class:`~esta.deploy.DeployedStitch`. The caches live in ``inputs["caches"]``; each anchor part keeps its own (see
+``families.causal_lm``), so after the prompt only the newest token is fed.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import torch
+
+Model = Callable[[dict], torch.Tensor]
+
+
+@torch.no_grad()
+def generate_ids(model: Model, input_ids: torch.Tensor, max_new_tokens: int = 64, *, use_cache: bool = True,
+                 temperature: float = 0.0, top_p: float = 1.0, eos_token_id: int | None = None,
+                 generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+    """Yield each new token (``[batch]``) as it is produced; greedy when ``temperature`` is 0."""
+    ids = input_ids
+    caches: dict | None = {} if use_cache else None
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "caches": caches}
+    done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+    for _ in range(max_new_tokens):
+        logits = model(inputs)[:, -1].float()
+        nxt = _pick(logits, temperature, top_p, generator)
+        if eos_token_id is not None:
+            nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
+            done |= nxt == eos_token_id
+        ids = torch.cat([ids, nxt[:, None]], dim=1)
+        yield nxt
+        if eos_token_id is not None and bool(done.all()):
+            return
+        if use_cache:  # the caches hold the past: feed only the new token, the mask covers the whole sequence
+            inputs = {"input_ids": nxt[:, None], "attention_mask": torch.ones_like(ids), "caches": caches}
+        else:
+            inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "caches": None}
+
+
+def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:  # nucleus: keep the smallest set of tokens whose mass reaches top_p
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        keep = sorted_p.cumsum(-1) - sorted_p < top_p
+        sorted_p = sorted_p * keep
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return torch.multinomial(probs / probs.sum(-1, keepdim=True), 1, generator=generator).squeeze(-1)
+
+
+def generate(model: Model, input_ids: torch.Tensor, max_new_tokens: int = 64, **kw) -> torch.Tensor:
+    """The prompt followed by the generated tokens, ``[batch, prompt + new]``."""
+    new = list(generate_ids(model, input_ids, max_new_tokens, **kw))
+    return torch.cat([input_ids, torch.stack(new, dim=1)], dim=1) if new else input_ids

@@ -1,0 +1,31 @@
+"""Tiny random Llama / Qwen2 checkpoints with a shared (or deliberately different) tokenizer, saved to folders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+WORDS = ["<pad>", "<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(60)]
+
+
+def save_tokenizer(folder: Path, words: list[str] = WORDS) -> None:
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")
+    fast.save_pretrained(folder)
+
+
+def save_tiny_lm(folder: Path, kind: str = "llama", width: int = 32, depth: int = 3, heads: int = 4,
+                 kv_heads: int = 2, seed: int = 0, words: list[str] = WORDS) -> str:
+    torch.manual_seed(seed)
+    cfg_cls, model_cls = (LlamaConfig, LlamaForCausalLM) if kind == "llama" else (Qwen2Config, Qwen2ForCausalLM)
+    cfg = cfg_cls(vocab_size=len(words), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=depth,
+                  num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=64,
+                  pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=(kind == "qwen2"))
+    model_cls(cfg).save_pretrained(folder)
+    save_tokenizer(folder, words)
+    return str(folder)

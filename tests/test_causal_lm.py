@@ -1,0 +1,85 @@
+import pytest
+import torch
+
+from esta.deploy import DeployedStitch
+from esta.errors import EstaError
+from esta.families import load_family
+from esta.palette import Palette
+from esta.pst import PSTConfig
+from lm_fixtures import WORDS, save_tiny_lm
+
+
+@pytest.fixture(scope="module")
+def lm_family(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lm")
+    return {
+        "llama": [save_tiny_lm(root / "l0", "llama", 32, 3, 4, 2, seed=0),
+                  save_tiny_lm(root / "l1", "llama", 48, 4, 6, 3, seed=1)],  # wider, deeper, other GQA groups
+        "qwen2": [save_tiny_lm(root / "q0", "qwen2", 32, 2, 4, 1, seed=2),
+                  save_tiny_lm(root / "q1", "qwen2", 64, 3, 4, 2, seed=3)],  # other head size (16 vs 8)
+    }
+
+
+def tokens(n=2, t=7, seed=0):
+    ids = torch.randint(4, len(WORDS), (n, t), generator=torch.Generator().manual_seed(seed))
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_identical_anchors_with_identity_stitching_reproduce_the_logits(kind, lm_family):
+    from transformers import AutoModelForCausalLM
+
+    path = lm_family[kind][1]
+    palette = Palette(load_family([path, path]))
+    with torch.no_grad():
+        for layer in palette.stitching.values():
+            layer.weight.copy_(torch.eye(layer.out_features))
+            layer.bias.zero_()
+    palette.eval()
+    x = tokens()
+    reference = AutoModelForCausalLM.from_pretrained(path).eval()(**x).logits
+    torch.testing.assert_close(palette(x, stitch=0), reference, atol=1e-5, rtol=1e-5)
+    natural = [s for s in palette.space.stitches if not s.is_anchor and s.end_first == s.front_last + 1]
+    assert natural
+    for s in natural:
+        torch.testing.assert_close(palette(x, stitch=s.id), reference, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_stitches_of_different_shapes_run_and_deploy(kind, lm_family, tmp_path):
+    palette = Palette(load_family(lm_family[kind]))
+    x = tokens()
+    palette.init_stitching(x)
+    palette.apply_pst(PSTConfig())
+    for s in palette.space.stitches:  # LoRA B = 0 and biases 0: perturb so merging is tested for real
+        for p in palette.path_parameters(s.id):
+            p.data.add_(0.01 * torch.randn_like(p))
+    palette.eval()
+    for s in palette.space.stitches:
+        out = palette(x, stitch=s.id)
+        assert out.shape == (2, 7, len(WORDS)) and torch.isfinite(out).all()
+        DeployedStitch.from_palette(palette, s.id).save_pretrained(tmp_path / str(s.id))
+        loaded = DeployedStitch.from_pretrained(tmp_path / str(s.id))
+        torch.testing.assert_close(loaded(x), palette(x, stitch=s.id), atol=1e-4, rtol=1e-4)
+
+
+def test_different_tokenizers_are_refused(lm_family, tmp_path):
+    other = save_tiny_lm(tmp_path / "other", "llama", 32, 2, 4, 2, words=WORDS[:4] + [f"v{i}" for i in range(60)])
+    with pytest.raises(EstaError, match="tokenizers .* differ"):
+        load_family([lm_family["llama"][0], other])
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_generation_with_the_kv_cache_equals_generation_without(kind, lm_family, tmp_path):
+    from esta.generate import generate
+
+    palette = Palette(load_family(lm_family[kind]))
+    x = tokens(n=2, t=5, seed=4)
+    palette.init_stitching(tokens(n=4, t=9, seed=5))
+    palette.eval()
+    cut = next(s for s in palette.space.stitches if not s.is_anchor)
+    for model in (lambda inp: palette(inp, stitch=cut.id), DeployedStitch.from_palette(palette, cut.id)):
+        cached = generate(model, x["input_ids"], 8, use_cache=True)
+        plain = generate(model, x["input_ids"], 8, use_cache=False)
+        assert cached.shape == (2, 13)
+        assert torch.equal(cached, plain)
