@@ -1,0 +1,102 @@
+"""Instruction tuning data: Alpaca-format records -> token ids whose loss covers the response only.
+
+A record is ``{"instruction": str, "input": str (optional), "output": str}`` in a JSON list or a JSONL file. The
+prompt is the tokenizer's chat template when it has one (instruct models were trained on it) and the Alpaca
+template otherwise; labels are ``-100`` on the prompt and on padding, so only response tokens (and the closing EOS)
+are learned.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .errors import EstaError
+
+IGNORE = -100
+ALPACA = ("Below is an instruction that describes a task{with_input}. Write a response that appropriately "
+          "completes the request.\n\n### Instruction:\n{instruction}\n\n{input_block}### Response:\n")
+
+
+def load_records(path: str | Path) -> list[dict]:
+    """Alpaca records from a ``.json`` list or a ``.jsonl`` file; a bad record is refused with its position."""
+    path = Path(path)
+    if not path.is_file():
+        raise EstaError(f"instruction data {str(path)!r} does not exist")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix == ".jsonl":
+            records = [json.loads(line) for line in text.splitlines() if line.strip()]
+        else:
+            records = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise EstaError(f"{path} is not valid JSON{' lines' if path.suffix == '.jsonl' else ''}: {e}") from e
+    if not isinstance(records, list) or not records:
+        raise EstaError(f"{path} holds no records (expected a list of {{instruction, input, output}})")
+    for i, r in enumerate(records):
+        if not isinstance(r, dict) or not isinstance(r.get("instruction"), str) or not isinstance(r.get("output"), str):
+            raise EstaError(f"{path}: record {i} needs string fields 'instruction' and 'output' (and optional 'input')")
+    return records
+
+
+def prompt_text(tokenizer: Any, record: dict) -> str:
+    """The prompt up to where the response starts."""
+    instruction, inp = record["instruction"].strip(), (record.get("input") or "").strip()
+    if getattr(tokenizer, "chat_template", None):
+        user = f"{instruction}\n\n{inp}" if inp else instruction
+        return tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
+                                             add_generation_prompt=True)
+    return ALPACA.format(with_input=", paired with an input that provides further context" if inp else "",
+                         instruction=instruction, input_block=f"### Input:\n{inp}\n\n" if inp else "")
+
+
+def encode(tokenizer: Any, record: dict, max_length: int) -> dict[str, list[int]]:
+    """Token ids of prompt + response + EOS, and labels masking the prompt. Long examples keep the prompt's end."""
+    prompt = tokenizer(prompt_text(tokenizer, record), add_special_tokens=False)["input_ids"]
+    response = tokenizer(record["output"], add_special_tokens=False)["input_ids"]
+    if tokenizer.eos_token_id is not None:
+        response = response + [tokenizer.eos_token_id]
+    response = response[: max(1, max_length // 2)] if len(prompt) + len(response) > max_length else response
+    prompt = prompt[-(max_length - len(response)):] if len(prompt) + len(response) > max_length else prompt
+    return {"input_ids": prompt + response, "labels": [IGNORE] * len(prompt) + response}
+
+
+@dataclass
+class InstructionDataset(torch.utils.data.Dataset):
+    examples: list[dict[str, list[int]]]
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> dict[str, list[int]]:
+        return self.examples[i]
+
+
+def build_dataset(tokenizer: Any, records: list[dict], max_length: int = 256) -> InstructionDataset:
+    return InstructionDataset([encode(tokenizer, r, max_length) for r in records])
+
+
+def collate(batch: list[dict[str, list[int]]], pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example; padding is masked out of attention and loss."""
+    n = max(len(b["input_ids"]) for b in batch)
+    ids = torch.full((len(batch), n), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), n), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(batch), n), dtype=torch.long)
+    for k, b in enumerate(batch):
+        t = len(b["input_ids"])
+        ids[k, :t] = torch.tensor(b["input_ids"])
+        labels[k, :t] = torch.tensor(b["labels"])
+        mask[k, :t] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def lm_loss(model, batch: dict[str, torch.Tensor], stitch: int) -> torch.Tensor:
+    """Next-token cross-entropy on the labelled (response) tokens only: the trainer's ``loss_fn`` for LLMs."""
+    logits = model({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}, stitch=stitch)
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
+                           ignore_index=IGNORE)

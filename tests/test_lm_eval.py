@@ -1,0 +1,57 @@
+import math
+
+import datasets
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from esta.errors import EstaError
+from esta.lm_eval import MCItem, continuation_logprob, mc_accuracy, mc_items, perplexity, text_batches
+from lm_fixtures import save_tiny_lm
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = save_tiny_lm(tmp_path_factory.mktemp("lm") / "m", "llama", 32, 2, 4, 2)
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    return (lambda x: model(input_ids=x["input_ids"], attention_mask=x["attention_mask"]).logits), \
+        AutoTokenizer.from_pretrained(path)
+
+
+def test_continuation_logprob_matches_a_direct_computation(tiny):
+    model, tok = tiny
+    scores = continuation_logprob(model, tok, "w1 w2", [" w3", " w4 w5"])
+    ids = torch.tensor([tok("w1 w2 w4 w5", add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        logp = F.log_softmax(model({"input_ids": ids, "attention_mask": torch.ones_like(ids)}), -1)[0]
+    direct = float(logp[1, ids[0, 2]] + logp[2, ids[0, 3]])
+    assert scores[1] == pytest.approx(direct, abs=1e-4)
+
+
+def test_mc_accuracy_picks_the_likeliest_choice(tiny):
+    model, tok = tiny
+    items = [MCItem("w1 w2", [" w3", " w4", " w5"], a) for a in range(3)]
+    best = max(range(3), key=continuation_logprob(model, tok, "w1 w2", [" w3", " w4", " w5"]).__getitem__)
+    assert mc_accuracy(model, tok, items) == pytest.approx(1 / 3)
+    assert mc_accuracy(model, tok, [items[best]]) == 1.0
+
+
+def test_perplexity_ignores_padding(tiny):
+    model, tok = tiny
+    one = perplexity(model, text_batches(tok, ["w1 w2 w3 w4"], batch_size=1))
+    padded = perplexity(model, text_batches(tok, ["w1 w2 w3 w4", "w5 w6"], batch_size=2))
+    alone = perplexity(model, text_batches(tok, ["w5 w6"], batch_size=1))
+    assert one["tokens"] == 3 and padded["tokens"] == 4
+    expected = math.exp((3 * math.log(one["perplexity"]) + math.log(alone["perplexity"])) / 4)
+    assert padded["perplexity"] == pytest.approx(expected, rel=1e-4)
+
+
+def test_benchmark_folders_map_to_items(tmp_path):
+    rows = {"id": ["1"], "question": ["Which?"], "choices": [{"text": ["a", "b"], "label": ["A", "B"]}],
+            "answerKey": ["B"]}
+    datasets.Dataset.from_dict(rows).save_to_disk(str(tmp_path / "ai2_arc/ARC-Easy/validation"))
+    (item,) = mc_items("arc-easy", tmp_path)
+    assert item.choices == [" a", " b"] and item.answer == 1 and "Which?" in item.context
+    with pytest.raises(EstaError, match="not found"):
+        mc_items("hellaswag", tmp_path)
