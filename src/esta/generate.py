@@ -55,3 +55,31 @@ def generate(model: Model, input_ids: torch.Tensor, max_new_tokens: int = 64, **
     """The prompt followed by the generated tokens, ``[batch, prompt + new]``."""
     new = list(generate_ids(model, input_ids, max_new_tokens, **kw))
     return torch.cat([input_ids, torch.stack(new, dim=1)], dim=1) if new else input_ids
+
+
+def chat_prompt_ids(tokenizer, messages: list[dict]) -> torch.Tensor:
+    """Token ids of a conversation, ending where the assistant's reply starts (the chat template when there is one,
+    the Alpaca template of ``instruct`` otherwise)."""
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    else:
+        from .instruct import prompt_text
+
+        text = prompt_text(tokenizer, {"instruction": messages[-1]["content"]})
+    return torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+
+
+def stream_text(model: Model, tokenizer, input_ids: torch.Tensor, max_new_tokens: int = 256,
+                **kw) -> Iterator[str]:
+    """The reply as text pieces, as tokens arrive (decoding the whole reply each time keeps multi-byte characters
+    and merged spaces right, and yields only what is new)."""
+    new: list[int] = []
+    shown = ""
+    for tok in generate_ids(model, input_ids, max_new_tokens, eos_token_id=tokenizer.eos_token_id, **kw):
+        if tokenizer.eos_token_id is not None and int(tok[0]) == tokenizer.eos_token_id:
+            break
+        new.append(int(tok[0]))
+        text = tokenizer.decode(new, skip_special_tokens=True)
+        if not text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
+            yield text[len(shown):]
+            shown = text
