@@ -1,0 +1,3 @@
+from esta.cli import main
+
+raise SystemExit(main())
