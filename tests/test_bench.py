@@ -21,6 +21,7 @@ def test_bench_runs_every_method_side_by_side_and_reuses_finished_runs(tmp_path,
     esta, snnet = on_disk["tasks"][data]["esta"], on_disk["tasks"][data]["snnet"]
     assert esta["trainable_params"] < snnet["trainable_params"]  # PST against full fine-tuning
     assert bench["claims"][data]["trainable_params_ratio"] < 1
+    assert esta["mean_regret"] is not None  # ESTA's runs sweep every stitch on test for the regret
     assert "| esta |" in (tmp_path / "bench" / "bench.md").read_text()
     assert (tmp_path / "bench" / f"pareto-{slug(data)}.png").stat().st_size > 5_000
     assert not list((tmp_path / "data").rglob("results.json"))  # runs live under the bench folder
@@ -29,3 +30,13 @@ def test_bench_runs_every_method_side_by_side_and_reuses_finished_runs(tmp_path,
     mtimes = [p.stat().st_mtime for p in results]
     run_bench(cfg)
     assert [p.stat().st_mtime for p in results] == mtimes
+
+
+def test_bench_skips_the_test_sweep_for_methods_without_regret(tmp_path, vit_family, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", str(__import__("pathlib").Path(__file__).resolve().parents[1] / "src"))
+    data = str(image_folder(tmp_path / "data", per_class=40))
+    cfg = BenchConfig.quick(anchors=vit_family, tasks=[data], methods=["esta-uniform"], epochs=1.0,
+                            out_dir=str(tmp_path / "bench"), progress=False)
+    r = run_bench(cfg)["tasks"][data]["esta-uniform"]
+    assert r["mean_regret"] is None and r["sweep_seconds"] < 0.01
+    assert len(r["group_accuracy"]) == 10 and all(0 <= a <= 1 for a in r["group_accuracy"])
