@@ -30,6 +30,9 @@ def test_bench_runs_every_method_side_by_side_and_reuses_finished_runs(tmp_path,
     mtimes = [p.stat().st_mtime for p in results]
     run_bench(cfg)
     assert [p.stat().st_mtime for p in results] == mtimes
+    # ... but not a run made with other settings (a full bench after a quick one trains again)
+    run_bench(BenchConfig.quick(**{**cfg.__dict__, "epochs": 2.0}))
+    assert all(p.stat().st_mtime > m for p, m in zip(results, mtimes))
 
 
 def test_bench_skips_the_test_sweep_for_methods_without_regret(tmp_path, vit_family, monkeypatch):

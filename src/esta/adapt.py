@@ -113,7 +113,9 @@ def adapt(config: AdaptConfig) -> dict:
 
     # 3. one training run for the whole palette (for anchors-lora: each anchor, as many steps each)
     trained = palette.space.anchor_ids() if method.anchors_only else None
-    train_cfg = replace(config.train, sampling=method.sampling(config.train.sampling))
+    # the scoring batch only seeds the importance scores; methods that deploy by validation never read them
+    train_cfg = replace(config.train, sampling=method.sampling(config.train.sampling),
+                        score_init_batch=config.train.score_init_batch and method.deploy_by == "importance")
     if trained is not None:
         train_cfg = replace(train_cfg, epochs=train_cfg.epochs * len(trained),
                             steps=train_cfg.steps * len(trained) if train_cfg.steps is not None else None)

@@ -41,9 +41,9 @@ class BenchConfig:
     tasks: list[str] = field(default_factory=lambda: list(TASKS))
     methods: list[str] = field(default_factory=lambda: list(METHODS))
     seeds: list[int] = field(default_factory=lambda: [0, 1])
-    epochs: float = 12.0
-    eval_examples: int = 1000
-    validation_examples: int = 500
+    epochs: float = 6.0
+    eval_examples: int = 500
+    validation_examples: int = 250
     lr_sweep: bool = True
     #: methods whose runs also evaluate every stitch on the test subset (for the regret). The ablations and the
     #: learning-rate sweep runs skip it: their deployed stitches and validation accuracy are all they report, and
@@ -56,15 +56,23 @@ class BenchConfig:
     @classmethod
     def quick(cls, **kw) -> "BenchConfig":
         """≤ 10 minutes on 2 cores: one seed, a few epochs, small evaluation sets, each method's default rate."""
-        return cls(**{"seeds": [0], "epochs": 3.0, "eval_examples": 400, "validation_examples": 200,
-                      "lr_sweep": False, **kw})
+        return cls(**{"seeds": [0], "epochs": 2.0, "eval_examples": 200, "validation_examples": 100,
+                      "lr_sweep": False, "regret_methods": ["esta"], **kw})
 
 
 def _run(cfg: BenchConfig, task: str, method: str, seed: int, lr: float, out: Path, sweep: bool = True) -> dict:
     """One ``esta train`` in a subprocess; its results.json (reused if the run already finished)."""
     results = out / "results.json"
     if results.is_file():
-        return json.loads(results.read_text())
+        done = json.loads(results.read_text())
+        c = done["config"]
+        same = (c["method"] == method and c["train"]["seed"] == seed and c["train"]["lr"] == lr
+                and c["train"]["epochs"] == cfg.epochs and c["eval_examples"] == cfg.eval_examples
+                and c["validation_examples"] == cfg.validation_examples and c["sweep"] == sweep
+                and c["anchors"] == list(cfg.anchors))
+        if same:  # a finished run of this very configuration: reuse it
+            return done
+        log.info("%s was made with other settings (e.g. a --quick bench): running it again", out)
     out.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "esta.cli", "train", "--anchors", *cfg.anchors, "--data", task,
            "--method", method, "--seed", str(seed), "--lr", repr(lr), "--epochs", repr(cfg.epochs),
