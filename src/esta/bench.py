@@ -45,10 +45,10 @@ class BenchConfig:
     eval_examples: int = 500
     validation_examples: int = 250
     lr_sweep: bool = True
-    #: methods whose runs also evaluate every stitch on the test subset (for the regret). The ablations and the
+    #: methods whose runs also evaluate every stitch on the test subset (for the regret). SN-Net, the ablations and the
     #: learning-rate sweep runs skip it: their deployed stitches and validation accuracy are all they report, and
     #: the sweep (71 stitches × the evaluation set) would otherwise be most of the bench's time.
-    regret_methods: list[str] = field(default_factory=lambda: ["esta", "snnet", "anchors-lora"])
+    regret_methods: list[str] = field(default_factory=lambda: ["esta", "anchors-lora"])
     out_dir: str = "runs/bench"
     threads: int | None = None  # torch threads per run (default: torch's own choice)
     progress: bool = True
@@ -57,7 +57,7 @@ class BenchConfig:
     def quick(cls, **kw) -> "BenchConfig":
         """≤ 10 minutes on 2 cores: one seed, a few epochs, small evaluation sets, each method's default rate."""
         return cls(**{"seeds": [0], "epochs": 2.0, "eval_examples": 200, "validation_examples": 100,
-                      "lr_sweep": False, "regret_methods": ["esta"], **kw})
+                      "lr_sweep": False, "regret_methods": [], **kw})
 
 
 def _run(cfg: BenchConfig, task: str, method: str, seed: int, lr: float, out: Path, sweep: bool = True) -> dict:
