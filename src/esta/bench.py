@@ -56,7 +56,7 @@ class BenchConfig:
     @classmethod
     def quick(cls, **kw) -> "BenchConfig":
         """≤ 10 minutes on 2 cores: one seed, a few epochs, small evaluation sets, each method's default rate."""
-        return cls(**{"seeds": [0], "epochs": 2.0, "eval_examples": 200, "validation_examples": 100,
+        return cls(**{"seeds": [0], "epochs": 1.0, "eval_examples": 200, "validation_examples": 100,
                       "lr_sweep": False, "regret_methods": [], **kw})
 
 
