@@ -170,7 +170,14 @@ def convert_gguf(path: str | Path, cache_dir: str | Path | None = None, dtype: t
         return str(out)
     log.info("converting %s to safetensors in %s (once)", path, out)
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+        kw = {}
+        try:  # transformers ≥ 5 keeps GGUF weights packed unless asked; we want plain weights to save once
+            from transformers import GgufConfig
+
+            kw["quantization_config"] = GgufConfig(dequantize=True)
+        except ImportError:  # older transformers always dequantise
+            pass
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype, **kw)
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     except Exception as e:  # noqa: BLE001 - a broken or unsupported file: one clear message
         raise EstaError(f"cannot read GGUF file {path}: {e}") from e
