@@ -63,6 +63,21 @@ def test_stitches_of_different_shapes_run_and_deploy(kind, lm_family, tmp_path):
         torch.testing.assert_close(loaded(x), palette(x, stitch=s.id), atol=1e-4, rtol=1e-4)
 
 
+def test_a_bf16_palette_deploys_in_bf16(lm_family, tmp_path):
+    """Frozen weights in bf16, adapters in float32: the merged stitch is saved and loaded in bf16, as small and as
+    fast as the anchors, not silently promoted to float32."""
+    palette = Palette(load_family(lm_family["qwen2"], dtype=torch.bfloat16))
+    x = tokens()
+    palette.init_stitching(x)
+    palette.apply_pst(PSTConfig())
+    palette.eval()
+    s = next(s for s in palette.space.stitches if not s.is_anchor)
+    path = DeployedStitch.from_palette(palette, s.id).save_pretrained(tmp_path / "d")
+    loaded = DeployedStitch.from_pretrained(path)
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    torch.testing.assert_close(loaded(x).float(), palette(x, stitch=s.id).float(), atol=0.1, rtol=0.05)
+
+
 def test_different_tokenizers_are_refused(lm_family, tmp_path):
     other = save_tiny_lm(tmp_path / "other", "llama", 32, 2, 4, 2, words=WORDS[:4] + [f"v{i}" for i in range(60)])
     with pytest.raises(EstaError, match="tokenizers .* differ"):

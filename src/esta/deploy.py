@@ -82,9 +82,15 @@ def _load_plain(target: nn.Module, source: nn.Module, stitch: int) -> None:
     target.load_state_dict(state, strict=True)
 
 
+def weight_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype of a module's largest weight: the frozen pretrained ones (e.g. bf16), not the float32 adapters
+    that PST adds beside them, which merging folds away."""
+    return max(module.parameters(), key=lambda p: p.numel()).dtype
+
+
 def _part(src: Anchor, first: int, last: int, embed: bool, head: bool, stitch: int) -> Anchor:
     part = type(src).build_part(src.spec(), first, last, embed, head)
-    dtype = next(src.blocks.parameters()).dtype
+    dtype = weight_dtype(src.blocks)
     part.to(dtype)
     for name, module in part.embed_modules().items():
         _load_plain(module, src.embed_modules()[name], stitch)
@@ -120,7 +126,7 @@ class DeployedStitch(nn.Module):
         front = _part(fa, 0, s.front_last, True, False, stitch_id)
         end = _part(ea, s.end_first, ea.depth - 1, False, True, stitch_id)
         src = palette.stitching[s.layer]
-        layer = nn.Linear(src.in_features, src.out_features, dtype=next(src.parameters()).dtype)
+        layer = nn.Linear(src.in_features, src.out_features, dtype=weight_dtype(front))
         _load_plain(layer, src, stitch_id)
         return cls(s, front, end, layer.eval(), meta)
 
@@ -134,7 +140,7 @@ class DeployedStitch(nn.Module):
             "front": self.front.spec(),
             "end": self.end.spec() if self.end is not None else None,
             "stitching": [self.stitching.in_features, self.stitching.out_features] if self.stitching else None,
-            "dtype": str(next(self.parameters()).dtype).removeprefix("torch."),
+            "dtype": str(weight_dtype(self)).removeprefix("torch."),
             "meta": self.meta,
         }
         (folder / CONFIG_NAME).write_text(json.dumps(config, indent=1))
