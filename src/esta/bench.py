@@ -1,8 +1,8 @@
 """``esta bench``: every method on every task with the same data, epochs and seeds, side by side in one run.
 
 Each (task, method, seed) is its own ``esta train`` subprocess, so its peak memory is its own (``ru_maxrss`` of a
-process never goes down) and a crash costs one run: finished runs (their ``results.json``) are reused when the
-bench is started again. Learning rates: the full bench first sweeps a grid per method on the first task (seed 0) and
+process never goes down) and a crash costs one run: a finished run is reused when the bench is started again with
+the same settings (its command line is kept beside its ``results.json``). Learning rates: the full bench first sweeps a grid per method on the first task (seed 0) and
 keeps, for each method, the rate with the best mean *validation* accuracy of its deployed stitches (held-out test
 examples, disjoint from the evaluation subset); the quick bench uses each method's default rate.
 """
@@ -61,23 +61,19 @@ class BenchConfig:
 
 
 def _run(cfg: BenchConfig, task: str, method: str, seed: int, lr: float, out: Path, sweep: bool = True) -> dict:
-    """One ``esta train`` in a subprocess; its results.json (reused if the run already finished)."""
-    results = out / "results.json"
-    if results.is_file():
-        done = json.loads(results.read_text())
-        c = done["config"]
-        same = (c["method"] == method and c["train"]["seed"] == seed and c["train"]["lr"] == lr
-                and c["train"]["epochs"] == cfg.epochs and c["eval_examples"] == cfg.eval_examples
-                and c["validation_examples"] == cfg.validation_examples and c["sweep"] == sweep
-                and c["anchors"] == list(cfg.anchors))
-        if same:  # a finished run of this very configuration: reuse it
-            return done
+    """One ``esta train`` in a subprocess; its results.json (reused if this very command already finished)."""
+    results, made_by = out / "results.json", out / "bench_args.json"
+    args = ["train", "--anchors", *cfg.anchors, "--data", task, "--method", method, "--seed", str(seed),
+            "--lr", repr(lr), "--epochs", repr(cfg.epochs), "--eval-examples", str(cfg.eval_examples),
+            "--validation-examples", str(cfg.validation_examples), "--checkpoint-every", "0", "--out", str(out),
+            "--no-progress"] + ([] if sweep else ["--no-sweep"])
+    if results.is_file() and made_by.is_file():
+        if json.loads(made_by.read_text()) == args:  # a finished run of this very configuration: reuse it
+            return json.loads(results.read_text())
         log.info("%s was made with other settings (e.g. a --quick bench): running it again", out)
     out.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "esta.cli", "train", "--anchors", *cfg.anchors, "--data", task,
-           "--method", method, "--seed", str(seed), "--lr", repr(lr), "--epochs", repr(cfg.epochs),
-           "--eval-examples", str(cfg.eval_examples), "--validation-examples", str(cfg.validation_examples),
-           "--checkpoint-every", "0", "--out", str(out), "--no-progress"] + ([] if sweep else ["--no-sweep"])
+    made_by.unlink(missing_ok=True)  # written only once the run has finished
+    cmd = [sys.executable, "-m", "esta.cli", *args]
     env = dict(os.environ)
     if cfg.threads:
         env["OMP_NUM_THREADS"] = str(cfg.threads)
@@ -86,6 +82,7 @@ def _run(cfg: BenchConfig, task: str, method: str, seed: int, lr: float, out: Pa
     if code != 0:
         tail = (out / "log.txt").read_text().strip().splitlines()[-5:]
         raise EstaError(f"bench run {task}/{method}/seed{seed} failed (exit {code}):\n  " + "\n  ".join(tail))
+    made_by.write_text(json.dumps(args))
     return json.loads(results.read_text())
 
 
