@@ -75,6 +75,10 @@ def test_a_bf16_palette_deploys_in_bf16(lm_family, tmp_path):
     path = DeployedStitch.from_palette(palette, s.id).save_pretrained(tmp_path / "d")
     loaded = DeployedStitch.from_pretrained(path)
     assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    # the rotary tables stay float32, as transformers keeps them (they are computed, not saved)
+    for part, anchor in ((loaded.front, palette.anchors[s.front]), (loaded.end, palette.anchors[s.end])):
+        assert part.rotary.inv_freq.dtype == torch.float32
+        torch.testing.assert_close(part.rotary.inv_freq, anchor.rotary.inv_freq)
     torch.testing.assert_close(loaded(x).float(), palette(x, stitch=s.id).float(), atol=0.1, rtol=0.05)
 
 
@@ -98,3 +102,13 @@ def test_generation_with_the_kv_cache_equals_generation_without(kind, lm_family,
         plain = generate(model, x["input_ids"], 8, use_cache=False)
         assert cached.shape == (2, 13)
         assert torch.equal(cached, plain)
+
+
+def test_least_squares_fits_without_padding_and_the_first_token(lm_family):
+    # the first token is the attention sink (massive activations in real LLMs): it must not steer the fit
+    anchor = load_family(lm_family["qwen2"])[0]
+    x = tokens(n=2, t=5)
+    x["attention_mask"][1, 3:] = 0
+    mask = anchor.token_mask(x)
+    assert mask.tolist() == [[False, True, True, True, True], [False, True, True, False, False]]
+    assert x["attention_mask"][0, 0] == 1  # the caller's mask is left alone

@@ -29,6 +29,19 @@ def test_continuation_logprob_matches_a_direct_computation(tiny):
     assert scores[1] == pytest.approx(direct, abs=1e-4)
 
 
+def test_single_token_choices_take_one_pass_and_agree_with_the_padded_batch(tiny):
+    model, tok = tiny
+    calls = []
+    counted = lambda x: calls.append(x["input_ids"].shape) or model(x)  # noqa: E731
+    fast = continuation_logprob(counted, tok, "w1 w2", [" w3", " w4", " w5"])
+    assert calls == [torch.Size([1, 2])]  # the context once, not three padded rows
+    ids = torch.tensor([tok("w1 w2 w3", add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        logp = F.log_softmax(model({"input_ids": ids, "attention_mask": torch.ones_like(ids)}), -1)[0, 1]
+    want = [float(logp[tok(w, add_special_tokens=False)["input_ids"][0]]) for w in (" w3", " w4", " w5")]
+    assert fast == pytest.approx(want, abs=1e-4)
+
+
 def test_mc_accuracy_picks_the_likeliest_choice(tiny):
     model, tok = tiny
     items = [MCItem("w1 w2", [" w3", " w4", " w5"], a) for a in range(3)]

@@ -63,3 +63,15 @@ def test_least_squares_init_fits_identical_anchors_exactly(vit_family, images):
         x, y = hidden[s.front_last + 1], hidden[s.end_first]
         fitted = (layer(x) - y).pow(2).mean()
         assert fitted < (x - y).pow(2).mean()
+
+
+def test_ridge_least_squares_shrinks_the_weight_but_not_the_bias():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(500, 16, generator=g)
+    y = x @ torch.randn(16, 6, generator=g) + 3.0
+    w0, b0 = least_squares(x, y)
+    w_small, _ = least_squares(x, y, ridge=1e-6)
+    torch.testing.assert_close(w_small, w0, atol=1e-4, rtol=1e-4)  # a tiny ridge is plain least squares
+    w_big, b_big = least_squares(x, y, ridge=1e4)
+    assert w_big.norm() < 0.01 * w0.norm()  # a huge ridge sends W to zero ...
+    torch.testing.assert_close(b_big, y.double().mean(0), atol=1e-2, rtol=1e-2)  # ... and the bias to mean(y)

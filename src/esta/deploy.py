@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -88,10 +89,22 @@ def weight_dtype(module: nn.Module) -> torch.dtype:
     return max(module.parameters(), key=lambda p: p.numel()).dtype
 
 
+@contextmanager
+def built_in(dtype: torch.dtype) -> Iterator[None]:
+    """Create modules directly in ``dtype``. Building in float32 and casting after would hold a float32 copy of a
+    1.6B-parameter stitch (6.4 GB) for a moment, and ``.to(bf16)`` would also round the rotary tables, which
+    transformers computes and keeps in float32 (they are not saved, so loading cannot restore them)."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
+
+
 def _part(src: Anchor, first: int, last: int, embed: bool, head: bool, stitch: int) -> Anchor:
-    part = type(src).build_part(src.spec(), first, last, embed, head)
-    dtype = weight_dtype(src.blocks)
-    part.to(dtype)
+    with built_in(weight_dtype(src.blocks)):
+        part = type(src).build_part(src.spec(), first, last, embed, head)
     for name, module in part.embed_modules().items():
         _load_plain(module, src.embed_modules()[name], stitch)
     for i in range(first, last + 1):
@@ -159,16 +172,16 @@ class DeployedStitch(nn.Module):
         s = Stitch(**cfg["stitch"])
         fspec, espec = cfg["front"], cfg["end"]
         fcls = _anchor_class(fspec["family"])
-        if s.is_anchor:
-            front = fcls.build_part(fspec, 0, _depth(fspec) - 1, True, True)
-            end, layer = None, None
-        else:
-            front = fcls.build_part(fspec, 0, s.front_last, True, False)
-            ecls = _anchor_class(espec["family"])
-            end = ecls.build_part(espec, s.end_first, _depth(espec) - 1, False, True)
-            layer = nn.Linear(*cfg["stitching"])
+        with built_in(getattr(torch, cfg.get("dtype", "float32"))):
+            if s.is_anchor:
+                front = fcls.build_part(fspec, 0, _depth(fspec) - 1, True, True)
+                end, layer = None, None
+            else:
+                front = fcls.build_part(fspec, 0, s.front_last, True, False)
+                ecls = _anchor_class(espec["family"])
+                end = ecls.build_part(espec, s.end_first, _depth(espec) - 1, False, True)
+                layer = nn.Linear(*cfg["stitching"])
         model = cls(s, front, end, layer, cfg.get("meta"))
-        model.to(getattr(torch, cfg.get("dtype", "float32")))
         model.load_state_dict(load_file(str(weights)), strict=True)
         return model.eval()
 

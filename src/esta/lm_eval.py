@@ -87,6 +87,10 @@ def continuation_logprob(model: Model, tokenizer: Any, context: str, continuatio
     if tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False):
         ctx = [tokenizer.bos_token_id] + ctx
     conts = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in continuations]
+    if all(len(c) == 1 for c in conts):  # e.g. MMLU's " A".." D": one pass over the context scores every choice
+        logits = model({"input_ids": torch.tensor([ctx]), "attention_mask": torch.ones(1, len(ctx), dtype=torch.long)})
+        logp = F.log_softmax(logits[0, -1].float(), dim=-1)
+        return [float(logp[c[0]]) for c in conts]
     seqs = [ctx + c for c in conts]
     n = max(len(s) for s in seqs)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -95,12 +99,14 @@ def continuation_logprob(model: Model, tokenizer: Any, context: str, continuatio
     for k, s in enumerate(seqs):
         ids[k, :len(s)] = torch.tensor(s)
         mask[k, :len(s)] = 1
-    logp = F.log_softmax(model({"input_ids": ids, "attention_mask": mask}).float(), dim=-1)
+    logits = model({"input_ids": ids, "attention_mask": mask})
     out = []
     for k, c in enumerate(conts):
         start = len(ctx)
         positions = torch.arange(start - 1, start - 1 + len(c))
-        out.append(float(logp[k, positions, torch.tensor(c)].sum()))
+        # log-softmax over the continuation's positions only: the context's vocab-sized rows are never needed
+        logp = F.log_softmax(logits[k, positions].float(), dim=-1)
+        out.append(float(logp[torch.arange(len(c)), torch.tensor(c)].sum()))
     return out
 
 
@@ -113,16 +119,19 @@ def mc_accuracy(model: Model, tokenizer: Any, items: list[MCItem], progress: boo
 
 
 @torch.no_grad()
-def perplexity(model: Model, batches: list[dict[str, torch.Tensor]]) -> dict:
+def perplexity(model: Model, batches: list[dict[str, torch.Tensor]], progress: bool = False,
+               desc: str = "") -> dict:
     """exp(mean next-token NLL) over the attended tokens of ``batches`` (``input_ids``, ``attention_mask``)."""
     nll, count = 0.0, 0
-    for b in batches:
-        logits = model({"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}).float()
+    for b in tqdm(batches, desc=desc or "perplexity", disable=not progress, leave=False):
+        logits = model({"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]})
         target = b["input_ids"][:, 1:]
         keep = b["attention_mask"][:, 1:].bool()
-        losses = F.cross_entropy(logits[:, :-1].flatten(0, 1), target.flatten(), reduction="none")
-        nll += float(losses[keep.flatten()].sum())
+        # only the kept positions go to float32: a [batch, tokens, 152k-vocab] float32 copy is ~0.6 GB per batch
+        losses = F.cross_entropy(logits[:, :-1][keep].float(), target[keep], reduction="sum")
+        nll += float(losses)
         count += int(keep.sum())
+        del logits
     return {"perplexity": math.exp(nll / max(count, 1)), "tokens": count}
 
 

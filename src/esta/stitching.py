@@ -2,7 +2,8 @@
 
 SN-Net's initialisation: on one calibration batch, X = the tokens leaving front block ``j`` and Y = the tokens that
 end block ``m`` normally receives (the output of end block ``m-1``, or the end anchor's embedding when ``m = 0``);
-solve ``[X 1] W ~= Y`` in float64, and average the solutions of all cuts that share the layer.
+solve ``[X 1] W ~= Y`` in float64, and average the solutions of all cuts that share the layer. An optional ridge
+term keeps the fit from chasing a few outlier features when the calibration tokens are few for the width (LLMs).
 """
 
 from __future__ import annotations
@@ -13,13 +14,25 @@ from torch import nn
 from .space import StitchSpace
 
 
-def least_squares(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weight ``[d_out, d_in]`` and bias ``[d_out]`` minimising ``|x W^T + b - y|`` over the rows of x, y."""
+def least_squares(x: torch.Tensor, y: torch.Tensor, ridge: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight ``[d_out, d_in]`` and bias ``[d_out]`` minimising ``|x W^T + b - y|^2`` over the rows of x, y.
+
+    ``ridge`` > 0 adds ``ridge * rows * mean feature variance * |W|^2`` (scale-free; the bias is not penalised).
+    """
     x = x.reshape(-1, x.shape[-1]).double()
     y = y.reshape(-1, y.shape[-1]).double()
     ones = torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)
+    a = torch.cat([x, ones], dim=1)
+    if ridge > 0:
+        # Normal equations: the ridge makes them well conditioned, and one [d, d] solve is much faster than an SVD
+        # of [rows, d] when rows are LLM calibration tokens (tens of thousands).
+        penalty = torch.ones(a.shape[1], dtype=a.dtype, device=a.device)
+        penalty[-1] = 0  # the bias is not penalised
+        lam = ridge * x.shape[0] * float(x.var(0).mean())
+        wb = torch.linalg.solve(a.t() @ a + torch.diag(lam * penalty), a.t() @ y)
+        return wb[:-1].t().contiguous(), wb[-1].contiguous()
     # gelsd (SVD based) copes with rank-deficient features; the CPU default (gelsy) also does, gels would not.
-    sol = torch.linalg.lstsq(torch.cat([x, ones], dim=1), y, driver="gelsd" if x.device.type == "cpu" else None)
+    sol = torch.linalg.lstsq(a, y, driver="gelsd" if x.device.type == "cpu" else None)
     wb = sol.solution  # [d_in + 1, d_out]
     return wb[:-1].t().contiguous(), wb[-1].contiguous()
 
@@ -32,7 +45,7 @@ def make_stitching_layers(space: StitchSpace, widths: list[int], dtype: torch.dt
 
 @torch.no_grad()
 def init_least_squares(layers: nn.ModuleDict, space: StitchSpace,
-                       hidden: list[list[torch.Tensor]], masks: list[torch.Tensor | None]) -> None:
+                       hidden: list[list[torch.Tensor]], masks: list[torch.Tensor | None], ridge: float = 0.0) -> None:
     """Fit every stitching layer from per-anchor hidden states (``hidden[a][k]``: input of block ``k`` of anchor a).
 
     ``masks[a]`` (``[batch, tokens]`` bool or None) selects the tokens to fit on, e.g. no padding.
@@ -46,7 +59,7 @@ def init_least_squares(layers: nn.ModuleDict, space: StitchSpace,
             mask = masks[a] if masks[a] is not None else masks[b]
             if mask is not None:
                 x, y = x[mask], y[mask]
-            w, bias = least_squares(x, y)
+            w, bias = least_squares(x, y, ridge)
             ws.append(w)
             bs.append(bias)
         layer.weight.copy_(torch.stack(ws).mean(0).to(layer.weight.dtype))

@@ -82,8 +82,18 @@ class CausalLMAnchor(Anchor):
         return self.lm_head(self.norm(hidden))
 
     def token_mask(self, inputs: dict) -> torch.Tensor | None:
+        """The tokens the stitching layers are fitted on: no padding, and not the first token.
+
+        The first token is the attention sink: from the second block on its hidden state carries "massive
+        activations" (norm ~2,000-5,000 in Qwen2.5 against ~10-100 elsewhere) that dominate a squared error and
+        appear at different depths in different sizes. Fitted with it, the early-cut Qwen2.5-Coder 0.5B->1.5B stitch
+        had perplexity 1,920 at init; fitted without it, 18 (anchors 19 and 13).
+        """
+        ids = inputs["input_ids"]
         m = inputs.get("attention_mask")
-        return m.bool() if m is not None else None
+        m = m.bool().clone() if m is not None else torch.ones_like(ids, dtype=torch.bool)
+        m[:, 0] = False
+        return m
 
     def embed_modules(self) -> dict[str, nn.Module]:
         return {"embed_tokens": self.embed_tokens} if self.embed_tokens is not None else {}
