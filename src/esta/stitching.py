@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from .space import StitchSpace
 
@@ -45,12 +46,13 @@ def make_stitching_layers(space: StitchSpace, widths: list[int], dtype: torch.dt
 
 @torch.no_grad()
 def init_least_squares(layers: nn.ModuleDict, space: StitchSpace,
-                       hidden: list[list[torch.Tensor]], masks: list[torch.Tensor | None], ridge: float = 0.0) -> None:
+                       hidden: list[list[torch.Tensor]], masks: list[torch.Tensor | None], ridge: float = 0.0,
+                       progress: bool = False) -> None:
     """Fit every stitching layer from per-anchor hidden states (``hidden[a][k]``: input of block ``k`` of anchor a).
 
     ``masks[a]`` (``[batch, tokens]`` bool or None) selects the tokens to fit on, e.g. no padding.
     """
-    for key, layer in layers.items():
+    for key, layer in tqdm(layers.items(), desc="least-squares init", disable=not progress, leave=False):
         ws, bs = [], []
         for cut in space.cuts_of_layer(key):
             a, b = cut.front, cut.end
