@@ -8,8 +8,8 @@ it with no training state and runs the very same forward as the palette.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
 

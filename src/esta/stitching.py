@@ -31,10 +31,10 @@ def least_squares(x: torch.Tensor, y: torch.Tensor, ridge: float = 0.0) -> tuple
         penalty[-1] = 0  # the bias is not penalised
         lam = ridge * x.shape[0] * float(x.var(0).mean())
         wb = torch.linalg.solve(a.t() @ a + torch.diag(lam * penalty), a.t() @ y)
-        return wb[:-1].t().contiguous(), wb[-1].contiguous()
-    # gelsd (SVD based) copes with rank-deficient features; the CPU default (gelsy) also does, gels would not.
-    sol = torch.linalg.lstsq(a, y, driver="gelsd" if x.device.type == "cpu" else None)
-    wb = sol.solution  # [d_in + 1, d_out]
+    else:
+        # gelsd (SVD based) copes with rank-deficient features; the CPU default (gelsy) also does, gels would not.
+        wb = torch.linalg.lstsq(a, y, driver="gelsd" if x.device.type == "cpu" else None).solution
+    # wb: [d_in + 1, d_out]
     return wb[:-1].t().contiguous(), wb[-1].contiguous()
 
 
