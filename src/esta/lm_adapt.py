@@ -28,6 +28,7 @@ from .instruct import build_dataset, collate, lm_loss, load_records
 from .lm_eval import MC_SETS, mc_accuracy, mc_items, perplexity, text_batches
 from .palette import Palette
 from .pst import PSTConfig
+from .screening import screen_stitches
 from .train import TrainConfig, peak_rss_mb, train
 
 log = logging.getLogger("esta")
@@ -44,6 +45,8 @@ class LMAdaptConfig:
     heldout_examples: int = 48  # records kept for perplexity (never trained on)
     calibration_examples: int = 64  # least-squares init of the stitching layers: 16 overfit (ppl 76-680 at init)
     ls_ridge: float = 0.01  # see stitching.least_squares; 0.01 vs 0 gave Qwen stitches ppl 18-23 vs 20-23 at init
+    screen_ratio: float | None = 1.5  # drop stitches > 1.5x the worst anchor's ppl after init (screening.py); None: off
+    screen_examples: int = 4  # training records (after the calibration ones) the screening runs on
     pst: PSTConfig = field(default_factory=PSTConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         steps=200, batch_size=2, lr=2e-4, warmup_steps=10, checkpoint_every=50,
@@ -96,16 +99,31 @@ def adapt_lm(cfg: LMAdaptConfig) -> dict:
     params = [float(c.params) for c in costs]
     if cfg.budgets:
         check_budgets([b * 1e6 for b in cfg.budgets], params, unit=1e6, name="M parameters")
+    screening = None
+    if cfg.screen_ratio:
+        t0 = time.perf_counter()
+        n, c = cfg.screen_examples, cfg.calibration_examples
+        examples = train_set.examples[c:c + n] or train_set.examples[:n]
+        screening = screen_stitches(palette, [collate(examples[i:i + 2], pad) for i in range(0, len(examples), 2)],
+                                    lm_loss, cfg.screen_ratio, cfg.progress)
+        log.info("screened %d stitches on %d records: kept %d (%.0f s)", len(palette), len(examples),
+                 len(screening.kept), time.perf_counter() - t0)
+        if cfg.budgets:
+            check_budgets([b * 1e6 for b in cfg.budgets], [params[s] for s in screening.kept], unit=1e6,
+                          name="M parameters (of the stitches kept by screening)")
     palette.apply_pst(cfg.pst)
     log.info("palette: %d stitches of %s; trainable %d of %d parameters; %d training / %d held-out records",
              len(palette), [a.source for a in anchors], palette.trainable_parameters(), palette.total_parameters(),
              len(train_set), len(held))
     (out / "run.json").write_text(json.dumps({"config": cfg.to_dict(), "params": params,
                                               "flops_32_tokens": [c.flops for c in costs],
-                                              "space": palette.space.to_dict()}, indent=1))
+                                              "space": palette.space.to_dict(),
+                                              "screening": screening.to_dict(palette) if screening else None},
+                                             indent=1))
 
     result = train(palette, train_set, params, cfg.train, loss_fn=lm_loss, out_dir=out, resume=cfg.resume,
-                   collate_fn=lambda b: collate(b, pad), progress=cfg.progress)
+                   collate_fn=lambda b: collate(b, pad), progress=cfg.progress,
+                   stitches=screening.kept if screening else None)
 
     budgets = [b * 1e6 for b in cfg.budgets] if cfg.budgets else None
     choices = choose(result.groups, params, result.importance, budgets)
@@ -156,6 +174,7 @@ def adapt_lm(cfg: LMAdaptConfig) -> dict:
                   "total_params": result.total_params, "peak_rss_mb": result.peak_rss_mb,
                   "final_loss": result.final_loss},
         "groups": [[int(s) for s in g] for g in budget_groups(params, cfg.train.sampling.groups)],
+        "screening": screening.to_dict(palette) if screening else None,
         "config": cfg.to_dict(),
     }
     (out / "results.json").write_text(json.dumps(results, indent=1))
