@@ -369,7 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--groups", type=int, default=6, help="budget groups (by parameter count; 6: screening leaves the groups next to the anchors empty, and four more still deploy three or more stitches between the anchors)")
+    # 6: screening at ratio 1.0 empties the groups next to the anchors; 4 groups then deployed only 2 stitches
+    p.add_argument("--groups", type=int, default=6, help="budget groups (by parameter count)")
     p.add_argument("--kernel", type=int, default=2, help="SN-Net window: cuts per window share a stitching layer")
     p.add_argument("--budgets", default="", help="comma-separated budgets in millions of parameters")
     p.add_argument("--screen-ratio", type=float, default=1.0,
