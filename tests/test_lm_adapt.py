@@ -34,6 +34,7 @@ def test_instruction_tuning_a_tiny_llama_family_end_to_end(tmp_path):
     sc = r["screening"]
     assert len(sc["losses"]) == len(sc["kept"]) + len(sc["dropped"]) and {0, 1} <= set(sc["kept"])
     assert all(d["stitch_id"] in sc["kept"] for d in r["deployed"])
+    assert sorted(s for g in r["groups"] for s in g) == sorted(sc["kept"])
     assert (tmp_path / "run" / "deployed" / "budget00" / "tokenizer_config.json").is_file()
     # the deployed stitches generate and chat from the command line, chosen by budget
     from test_cli import esta, one_error_line

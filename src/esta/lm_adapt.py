@@ -23,7 +23,7 @@ from .cost import count_costs
 from .deploy import DeployedStitch, check_budgets, choose
 from .errors import EstaError
 from .families import load_family
-from .importance import SamplingConfig, budget_groups
+from .importance import SamplingConfig
 from .instruct import IGNORE, build_dataset, collate, lm_loss, load_records
 from .lm_eval import MC_SETS, mc_accuracy, mc_items, perplexity, text_batches
 from .palette import Palette
@@ -179,7 +179,7 @@ def adapt_lm(cfg: LMAdaptConfig) -> dict:
         "train": {"seconds": result.seconds, "steps": result.steps, "trainable_params": result.trainable_params,
                   "total_params": result.total_params, "peak_rss_mb": result.peak_rss_mb,
                   "final_loss": result.final_loss},
-        "groups": [[int(s) for s in g] for g in budget_groups(params, cfg.train.sampling.groups)],
+        "groups": result.groups,  # the budget groups of the trained (screened-in) stitches
         "screening": screening.to_dict(palette) if screening else None,
         "config": cfg.to_dict(),
     }
