@@ -25,6 +25,26 @@ def test_moving_average():
     assert sampler.updates.tolist() == [2, 0]
 
 
+def test_unscored_stitches_start_from_their_first_score_and_are_tried_first():
+    sampler = ImportanceSampler([[0, 1, 2]], 3, SamplingConfig(beta=0.9, eps=0.0))
+    sampler.initialise({0: 0.0, 1: 0.0, 2: 0.0})  # zero-initialised adapters: theta * grad is 0 everywhere
+    torch.testing.assert_close(sampler.probabilities(0), torch.full((3,), 1 / 3, dtype=torch.float64))
+    sampler.update(1, 4.0)
+    assert sampler.importance[1] == pytest.approx(4.0)  # not 0.1 * 4.0: no average with the unscored 0
+    torch.testing.assert_close(sampler.probabilities(0), torch.full((3,), 1 / 3, dtype=torch.float64))
+    sampler.update(0, 2.0)
+    torch.testing.assert_close(sampler.probabilities(0), torch.tensor([0.2, 0.4, 0.4], dtype=torch.float64))
+
+
+def test_zero_initial_scores_do_not_collapse_a_group_onto_its_first_stitch():
+    # every stitch of a 12-stitch group scores the same once trained: each should get a fair share of 240 steps
+    sampler = ImportanceSampler([list(range(12))], 12, SamplingConfig(), seed=0)
+    sampler.initialise({s: 0.0 for s in range(12)})
+    for _ in range(240):
+        sampler.update(sampler.sample(), 1.0)
+    assert int(sampler.updates.min()) >= 8, sampler.updates.tolist()
+
+
 def test_sampling_frequencies_follow_importance_with_a_floor():
     cfg = SamplingConfig(eps=0.1, tau=1.0)
     groups = [[0, 1, 2], [3]]
