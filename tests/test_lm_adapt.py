@@ -35,6 +35,14 @@ def test_instruction_tuning_a_tiny_llama_family_end_to_end(tmp_path):
     assert len(sc["losses"]) == len(sc["kept"]) + len(sc["dropped"]) and {0, 1} <= set(sc["kept"])
     assert all(d["stitch_id"] in sc["kept"] for d in r["deployed"])
     assert sorted(s for g in r["groups"] for s in g) == sorted(sc["kept"])
+    # each budget deployed the stitch of its group with the lowest validation perplexity
+    dep = r["deployment"]
+    assert dep["by"] == "validation" and dep["validation_records"] == 8 and len(dep["by_importance"]) == 3
+    val = {row["stitch_id"]: row["validation_perplexity"] for row in dep["stitches"]}
+    for d, g in zip(r["deployed"], r["groups"]):
+        if len(g) > 1:
+            assert val[d["stitch_id"]] == min(val[s] for s in g)
+    assert sum(row["updates"] for row in dep["stitches"]) == 6
     assert (tmp_path / "run" / "deployed" / "budget00" / "tokenizer_config.json").is_file()
     # the deployed stitches generate and chat from the command line, chosen by budget
     from test_cli import esta, one_error_line

