@@ -92,3 +92,8 @@ def test_a_deployed_stitch_worse_than_both_anchors_is_flagged(caplog):
     flag_outside_anchors(deployed, anchors)
     assert [d["outside_anchors"] for d in deployed] == [[], ["perplexity", "mc_accuracy"], []]
     assert "broken" in caplog.text and "between" not in caplog.text
+    # with the sample size known, a gap within two standard errors of a difference is noise, not a flag
+    noisy = [{"name": "close", "params": 1e9, "perplexity": 22.0, "mc_accuracy": 0.454},
+             {"name": "far", "params": 1e9, "perplexity": 22.0, "mc_accuracy": 0.40}]
+    flag_outside_anchors(noisy, [{"perplexity": 22.4, "mc_accuracy": 0.508}, anchors[1]], mc_questions=240)
+    assert [d["outside_anchors"] for d in noisy] == [[], ["mc_accuracy"]]
