@@ -52,7 +52,7 @@ class LMAdaptConfig:
     # the SNIP importance follows how often a stitch was trained (Spearman 0.65-0.93), not its validation perplexity
     # (-0.36-0.41), and would have deployed a stitch at perplexity 23.2 instead of the 1.5B anchor (13.8).
     deploy_by: str = "validation"
-    validation_examples: int = 12  # x <= 256 tokens: 11 s a stitch for the Qwen pair (566 s for 53, measured)
+    validation_examples: int = 12  # x <= 256 tokens: ~10 s a stitch for the Qwen pair (534-566 s for 53, measured)
     calibration_examples: int = 64  # least-squares init of the stitching layers: 16 overfit (ppl 76-680 at init)
     ls_ridge: float = 0.01  # see stitching.least_squares; 0.01 vs 0 gave Qwen stitches ppl 18-23 vs 20-23 at init
     # screening.py: after init, drop stitches worse than the worst anchor (ratio 1.0: a stitch that costs more than
