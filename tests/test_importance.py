@@ -92,3 +92,51 @@ def test_deploy_choice_per_group_and_per_budget():
     assert c.stitch_id == 2 and c.candidates == [2]
     with pytest.raises(EstaError, match="below the cheapest"):
         choose(groups, costs, score, budgets=[0.5])
+
+
+def test_every_stitch_gets_at_least_its_floor_whatever_the_scores():
+    # one stitch of each group hogs the scores; the others must still get eps / n of their group's steps
+    groups = [[0, 1, 2, 3], [4, 5], [6, 7, 8]]
+    cfg = SamplingConfig(eps=0.2, anchor_share=0.3)
+    sampler = ImportanceSampler(groups, 9, cfg, seed=0, anchors=[0, 8])
+    sampler.initialise({s: (1e6 if s in (1, 4, 7) else 1e-6) for s in range(9)})
+    p = sampler.distribution()
+    assert float(p.sum()) == pytest.approx(1.0)
+    for s in range(9):
+        assert float(p[s]) >= sampler.floor(s) - 1e-12
+    assert sampler.floor(2) == pytest.approx(0.7 * 0.2 / 4 / 3)  # eps / n of a third of the non-anchor steps
+    assert sampler.floor(0) == pytest.approx(0.7 * 0.2 / 4 / 3 + 0.15)  # plus half the anchors' share
+    n = 30000
+    counts = torch.bincount(torch.tensor([sampler.sample() for _ in range(n)]), minlength=9).double() / n
+    for s in range(9):
+        assert float(counts[s]) >= 0.85 * sampler.floor(s), (s, float(counts[s]), sampler.floor(s))
+    assert float(counts[0] + counts[8]) >= 0.3  # the anchors' share comes on top of their group draws
+
+
+def test_snnet_sampler_draws_uniformly_over_all_stitches():
+    # SN-Net's training loop: np.random.randint(num_configs), no budget groups
+    groups = [[0, 1, 2, 3, 4, 5], [6], [7, 8]]
+    sampler = ImportanceSampler(groups, 9, SamplingConfig(uniform=True, by_group=False), seed=0, anchors=[0, 6, 8])
+    torch.testing.assert_close(sampler.distribution(), torch.full((9,), 1 / 9, dtype=torch.float64))
+    n = 27000
+    counts = torch.bincount(torch.tensor([sampler.sample() for _ in range(n)]), minlength=9).double() / n
+    torch.testing.assert_close(counts, torch.full((9,), 1 / 9, dtype=torch.float64), atol=0.01, rtol=0)
+    # the group-then-stitch variant (SN-Netv2) gives the lone stitch 6 a third of the steps instead
+    grouped = ImportanceSampler(groups, 9, SamplingConfig(uniform=True), seed=0)
+    assert float(grouped.distribution()[6]) == pytest.approx(1 / 3)
+
+
+def test_per_parameter_score_does_not_favour_larger_paths():
+    small = [torch.nn.Parameter(torch.ones(4))]
+    large = [torch.nn.Parameter(torch.ones(4)), torch.nn.Parameter(torch.ones(12))]
+    for p in small + large:
+        p.grad = torch.full_like(p, 0.5)
+    assert snip_score(large) == pytest.approx(4 * snip_score(small))
+    assert snip_score(large, per_parameter=True) == pytest.approx(snip_score(small, per_parameter=True)) == 0.5
+
+
+def test_sampling_settings_out_of_range_are_refused():
+    for bad in (dict(eps=1.5), dict(beta=-0.1), dict(tau=0.0), dict(anchor_share=2.0), dict(groups=0),
+                dict(score="max")):
+        with pytest.raises(EstaError):
+            ImportanceSampler([[0]], 1, SamplingConfig(**bad))

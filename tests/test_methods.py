@@ -63,3 +63,21 @@ def test_every_method_is_listed_in_the_cli_help():
 
     text = build_parser()._subparsers._group_actions[0].choices["train"].format_help()
     assert all(m in text for m in METHODS)
+
+
+def test_linear_probe_fits_heads_only_and_deploys_anchors(tmp_path, vit_family):
+    r = run(tmp_path, vit_family, "linear-probe")
+    anchors = {s["id"] for s in r["stitches"] if s["is_anchor"]}
+    assert r["train"]["steps"] == 0 and not any(s["updates"] for s in r["stitches"])
+    assert {d["stitch_id"] for d in r["deployed"]} <= anchors and len(r["deployed"]) == 3
+    assert r["head_init"]["mode"] == "probe" and len(r["head_init"]["probes"]) == 3
+
+
+def test_snnet_samples_over_all_stitches_and_esta_keeps_its_groups():
+    base = SamplingConfig(anchor_share=0.2)
+    snnet = get_method("snnet").sampling(base)
+    assert snnet.uniform and not snnet.by_group and snnet.anchor_share == 0
+    assert get_method("snnet-groups").sampling(base).by_group
+    esta = get_method("esta").sampling(base)
+    assert esta.by_group and not esta.uniform and esta.anchor_share == 0.2
+    assert get_method("esta-uniform").sampling(base).anchor_share == 0.2  # the ablation changes one thing only

@@ -28,7 +28,8 @@ from .methods import Method, get_method
 from .palette import Palette
 from .pst import PSTConfig
 from .report import pareto_plot, write_results
-from .train import TrainConfig, TrainResult, train
+from .probe import probe_head
+from .train import TrainConfig, TrainResult, train, untrained_result
 
 log = logging.getLogger("esta")
 
@@ -51,6 +52,10 @@ class AdaptConfig:
     #: held out from the test split before the evaluation subset is drawn, so the two never overlap; only methods
     #: that choose by validation (SN-Net's sweep, anchors-lora) look at it. Capped at a quarter of the test split.
     validation_examples: int = 500
+    #: how every new task head starts: "probe" (ours: a linear probe of its anchor's frozen features on the
+    #: training set) or "random" (trunc-normal, as ViT); the same for every method, so they stay comparable
+    head_init: str = "probe"
+    probe_examples: int = 5000  # training examples the probes are fitted on (a stratified subset beyond that)
     sweep: bool = True  # evaluate every stitch (the honest check of the choice; SN-Net's way to choose)
     train_examples: int | str | None = "default"
     cache_dir: str | None = None
@@ -82,9 +87,13 @@ def adapt(config: AdaptConfig) -> dict:
                            cache_dir=config.cache_dir, train_examples=config.train_examples, seed=seed)
     if len(task.train) == 0 or len(task.test) == 0:
         raise EstaError(f"task {config.data!r} has an empty train or test split")
+    if config.head_init not in ("probe", "random"):
+        raise EstaError(f"head_init must be 'probe' or 'random', got {config.head_init!r}")
     torch.manual_seed(seed)
     for a in anchors:
         a.new_task_head(len(task.classes))
+    head_init = "probe" if not method.train else config.head_init  # a linear probe is the whole of that method
+    probes = probe_heads(anchors, task, config.probe_examples, seed) if head_init == "probe" else []
     val_set, eval_set = held_out_sets(task.test, config.validation_examples, config.eval_examples, seed)
 
     # 2. the palette: stitching layers fitted by least squares, costs counted on the plain layers, then PST
@@ -116,11 +125,15 @@ def adapt(config: AdaptConfig) -> dict:
     # the scoring batch only seeds the importance scores; methods that deploy by validation never read them
     train_cfg = replace(config.train, sampling=method.sampling(config.train.sampling),
                         score_init_batch=config.train.score_init_batch and method.deploy_by == "importance")
+    train_cfg = replace(train_cfg, track_importance=method.deploy_by == "importance" or not train_cfg.sampling.uniform)
     if trained is not None:
         train_cfg = replace(train_cfg, epochs=train_cfg.epochs * len(trained),
                             steps=train_cfg.steps * len(trained) if train_cfg.steps is not None else None)
-    result = train(palette, task.train, flops, train_cfg, out_dir=out, resume=config.resume,
-                   progress=config.progress, stitches=trained)
+    if method.train:
+        result = train(palette, task.train, flops, train_cfg, out_dir=out, resume=config.resume,
+                       progress=config.progress, stitches=trained)
+    else:
+        result = untrained_result(palette, flops, train_cfg.sampling.groups, trained)
 
     # 4. deployment: ESTA reads the importance scores; SN-Net sweeps the candidates on held-out data
     t0 = time.perf_counter()
@@ -150,12 +163,26 @@ def adapt(config: AdaptConfig) -> dict:
     results["summary"]["mean_validation_accuracy"] = (sum(val_acc) / len(val_acc)) if val_acc and len(val_set) \
         else None
     results["validation_examples"] = len(val_set)
+    results["head_init"] = {"mode": head_init, "probes": probes}
     results["timing"] = {"train_seconds": result.seconds, "select_seconds": select_seconds,
                          "deploy_seconds": deploy_seconds, "sweep_seconds": sweep_seconds}
     write_results(results, out)
     if config.sweep:
         pareto_plot(results, out / "pareto.png", title=f"ESTA on {task.name}: {len(palette)} stitches")
     return results
+
+
+def probe_heads(anchors, task, max_examples: int, seed: int) -> list[dict]:
+    """Fit every anchor's new head as a linear probe of its frozen features (see ``probe``)."""
+    n = min(max_examples, len(task.train))
+    idx = stratified_split(task.train.labels, n, seed + 13)[0] if n < len(task.train) else range(n)
+    data = materialize(task.train, idx)
+    out = []
+    for a in anchors:
+        r = probe_head(a, data.images, data.labels, len(task.classes), seed=seed)
+        out.append({"anchor": a.source, "l2": r.l2, "train_accuracy": r.train_accuracy,
+                    "cv_accuracy": r.cv_accuracy})
+    return out
 
 
 def held_out_sets(test, validation_examples: int, eval_examples: int | None, seed: int):

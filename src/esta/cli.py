@@ -293,8 +293,10 @@ def _train_args(p: argparse.ArgumentParser, out: str, epochs: float) -> None:
     p.add_argument("--steps", type=int, default=None, help="training steps (overrides --epochs)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--method", default="esta",
-                   help="esta (default), esta-uniform, esta-shared-bias, snnet (SN-Net direct adaptation) or "
-                   "anchors-lora (each anchor alone with LoRA)")
+                   help="esta (default), esta-uniform, esta-shared-bias, snnet (SN-Net direct adaptation, one "
+                   "stitch drawn uniformly among all per step), snnet-groups (SN-Net with SN-Netv2's group sampler), "
+                   "anchors-lora (each anchor alone with LoRA) or linear-probe (each anchor's head fitted on frozen "
+                   "features, nothing else trained)")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: the method's, 2e-3; snnet 1e-4)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lora-rank", type=int, default=8)

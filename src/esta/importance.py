@@ -5,6 +5,13 @@ on its path, and ``I(s) <- beta * I(s) + (1 - beta) * Q(s)``. Stitches are group
 uniformly and a stitch inside it from ``pi`` = the group's normalised scores (temperature ``tau``) mixed with an
 ``eps`` uniform floor, so no stitch starves. Deployment takes, per group, the stitch with the highest ``I``.
 
+Ours, on top of the paper's rule (each an option; defaults measured, see README): ``anchor_share`` of the steps go
+to the anchors (uniformly), because an anchor is the only stitch that trains its own last blocks with its own head,
+and the group draw alone gave each anchor ~1 % of the steps; ``score="mean"`` divides ``Q(s)`` by the number of
+parameters that received a gradient, so a stitch is not sampled more just because its path holds more trainable
+parameters (the sum favours paths through the larger anchor). SN-Net's own sampler (``by_group=False``, uniform)
+draws one stitch uniformly among all of them.
+
 A stitch whose score is still 0 is *unscored*: with zero-initialised adapters (LoRA's B, the stitch's own biases,
 and no trainable head, as in an LLM palette) every ``theta * grad`` is 0 before training. Unscored stitches are
 sampled as if they had their group's highest score, and a stitch's first real score replaces its ``I`` instead of
@@ -16,6 +23,7 @@ stitch rather than the best.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -29,6 +37,21 @@ class SamplingConfig:
     tau: float = 1.0  # temperature on the normalised scores
     eps: float = 0.1  # uniform floor
     uniform: bool = False  # ablation / SN-Net: ignore scores, sample uniformly inside the group
+    by_group: bool = True  # False: SN-Net's sampler, one draw over all stitches (no budget groups)
+    anchor_share: float = 0.0  # fraction of steps that train an anchor, drawn uniformly among the anchors
+    score: Literal["sum", "mean"] = "sum"  # Q(s) summed over the path's parameters, or per parameter
+
+    def check(self) -> None:
+        if self.groups < 1:
+            raise EstaError(f"need at least one budget group, got {self.groups}")
+        for name, v, lo, hi in (("beta", self.beta, 0.0, 1.0), ("eps", self.eps, 0.0, 1.0),
+                                ("anchor_share", self.anchor_share, 0.0, 1.0)):
+            if not lo <= v <= hi:
+                raise EstaError(f"{name} must be in [{lo:g}, {hi:g}], got {v:g}")
+        if not self.tau > 0:
+            raise EstaError(f"tau must be > 0, got {self.tau:g}")
+        if self.score not in ("sum", "mean"):
+            raise EstaError(f"score must be 'sum' or 'mean', got {self.score!r}")
 
 
 def budget_groups(costs: list[float], groups: int = 10) -> list[list[int]]:
@@ -48,23 +71,31 @@ def budget_groups(costs: list[float], groups: int = 10) -> list[list[int]]:
     return [sorted(out[k], key=lambda s: (costs[s], s)) for k in sorted(out)]
 
 
-def snip_score(params: list[torch.Tensor]) -> float:
-    """``sum |theta * grad|`` over the parameters that received a gradient."""
-    total = torch.zeros((), dtype=torch.float64)
-    for p in params:
-        if p.grad is not None:
-            total += (p.detach() * p.grad.detach()).abs().sum().double().cpu()
-    return float(total)
+def snip_score(params: list[torch.Tensor], per_parameter: bool = False) -> float:
+    """``sum |theta * grad|`` over the parameters that received a gradient (``per_parameter``: divided by their
+    number of elements)."""
+    terms = [(p.detach() * p.grad.detach()).abs().sum() for p in params if p.grad is not None]
+    if not terms:
+        return 0.0
+    total = float(torch.stack(terms).double().sum())  # one sync for the whole path, not one per tensor
+    if per_parameter:
+        total /= sum(p.numel() for p in params if p.grad is not None)
+    return total
 
 
 class ImportanceSampler:
     """Importance moving averages and the two-level sampler; identical on every process given the same seed."""
 
-    def __init__(self, groups: list[list[int]], num_stitches: int, config: SamplingConfig, seed: int = 0) -> None:
+    def __init__(self, groups: list[list[int]], num_stitches: int, config: SamplingConfig, seed: int = 0,
+                 anchors: list[int] | None = None) -> None:
+        config.check()
         self.groups = groups
         self.config = config
+        members = {s for g in groups for s in g}
+        self.anchors = [a for a in (anchors or []) if a in members]
         self.importance = torch.zeros(num_stitches, dtype=torch.float64)
         self.updates = torch.zeros(num_stitches, dtype=torch.long)
+        self.train_loss = torch.zeros(num_stitches, dtype=torch.float64)  # moving average of each stitch's loss
         self.generator = torch.Generator().manual_seed(seed)
 
     def initialise(self, scores: dict[int, float]) -> None:
@@ -72,10 +103,13 @@ class ImportanceSampler:
         for sid, q in scores.items():
             self.importance[sid] = q
 
-    def update(self, stitch: int, score: float) -> None:
+    def update(self, stitch: int, score: float, loss: float | None = None) -> None:
         b = self.config.beta
         first = self.importance[stitch] <= 0  # unscored: the first real score starts the average
         self.importance[stitch] = score if first else b * self.importance[stitch] + (1 - b) * score
+        if loss is not None:
+            old = self.train_loss[stitch]
+            self.train_loss[stitch] = loss if self.updates[stitch] == 0 else b * old + (1 - b) * loss
         self.updates[stitch] += 1
 
     def probabilities(self, group: int) -> torch.Tensor:
@@ -92,10 +126,33 @@ class ImportanceSampler:
         p = p / p.sum()
         return (1 - self.config.eps) * p + self.config.eps * uniform
 
+    def distribution(self) -> torch.Tensor:
+        """The probability of every stitch being trained at the next step (0 for stitches outside the groups)."""
+        p = torch.zeros(len(self.importance), dtype=torch.float64)
+        if self.config.by_group:
+            for g, members in enumerate(self.groups):
+                p[members] += self.probabilities(g) / len(self.groups)
+        else:
+            members = [s for g in self.groups for s in g]
+            p[members] = 1.0 / len(members)
+        share = self.config.anchor_share if self.anchors else 0.0
+        if share > 0:
+            p *= 1 - share
+            p[self.anchors] += share / len(self.anchors)
+        return p
+
+    def floor(self, stitch: int) -> float:
+        """The least probability ``stitch`` can have, whatever the scores: the ``eps`` floor inside its group
+        (and the anchors' share)."""
+        share = self.config.anchor_share if self.anchors else 0.0
+        if not self.config.by_group:
+            return float(self.distribution()[stitch])
+        n = next(len(g) for g in self.groups if stitch in g)
+        inside = 1.0 / n if self.config.uniform else self.config.eps / n
+        return (1 - share) * inside / len(self.groups) + (share / len(self.anchors) if stitch in self.anchors else 0)
+
     def sample(self) -> int:
-        g = int(torch.randint(len(self.groups), (1,), generator=self.generator))
-        k = int(torch.multinomial(self.probabilities(g), 1, generator=self.generator))
-        return self.groups[g][k]
+        return int(torch.multinomial(self.distribution(), 1, generator=self.generator))
 
     def best_in(self, members: list[int]) -> int:
         """The member with the highest importance (ties: the cheaper, i.e. earlier-listed one)."""
@@ -103,9 +160,11 @@ class ImportanceSampler:
 
     def state_dict(self) -> dict:
         return {"importance": self.importance.clone(), "updates": self.updates.clone(),
-                "generator": self.generator.get_state()}
+                "train_loss": self.train_loss.clone(), "generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
         self.importance.copy_(state["importance"])
         self.updates.copy_(state["updates"])
+        if "train_loss" in state:  # checkpoints of esta <= 0.1 have none
+            self.train_loss.copy_(state["train_loss"])
         self.generator.set_state(state["generator"])

@@ -44,6 +44,8 @@ class TrainConfig:
     seed: int = 0
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     score_init_batch: bool = True  # initialise I(s) from one scoring batch before training
+    #: compute the SNIP score after every backward; methods that neither sample nor deploy by importance skip it
+    track_importance: bool = True
     checkpoint_every: int = 200  # steps; 0 = only at the end
     num_workers: int = 0
 
@@ -65,6 +67,25 @@ class TrainResult:
     importance: list[float]
     updates: list[int]
     groups: list[list[int]]
+    #: per stitch, the moving average (factor beta) of its training loss; None where it never trained
+    train_loss: list[float | None] = field(default_factory=list)
+
+
+def candidate_groups(costs: list[float], groups: int, candidates: list[int]) -> list[list[int]]:
+    """The budget groups of all stitches, restricted to ``candidates`` (empty groups dropped)."""
+    keep = set(candidates)
+    return [m for g in budget_groups(costs, groups) if (m := [s for s in g if s in keep])]
+
+
+def untrained_result(palette: Palette, costs: list[float], groups: int, stitches: list[int] | None) -> TrainResult:
+    """What :func:`train` reports for a method that trains nothing (a linear probe: heads fitted in closed form)."""
+    candidates = list(range(len(palette))) if stitches is None else list(stitches)
+    n = len(palette)
+    heads = {id(p): p for a in palette.anchors if a.task_head() is not None for p in a.task_head().parameters()}
+    return TrainResult(steps=0, seconds=0.0, trainable_params=sum(p.numel() for p in heads.values()),
+                       total_params=palette.total_parameters(), peak_rss_mb=peak_rss_mb(), train_rss_increase_mb=0.0,
+                       final_loss=float("nan"), importance=[0.0] * n, updates=[0] * n,
+                       groups=candidate_groups(costs, groups, candidates), train_loss=[None] * n)
 
 
 def classification_loss(model: Callable[..., torch.Tensor], batch: Any, stitch: int) -> torch.Tensor:
@@ -166,9 +187,10 @@ def train(palette: Palette, train_set: Dataset, costs: list[float], config: Trai
     accelerator = accelerator or make_accelerator()
     set_seed(config.seed)
     candidates = list(range(len(palette))) if stitches is None else list(stitches)
-    groups = [[s for s in g if s in set(candidates)] for g in budget_groups(costs, config.sampling.groups)]
-    groups = [g for g in groups if g]
-    sampler = ImportanceSampler(groups, len(palette), config.sampling, seed=config.seed)
+    groups = candidate_groups(costs, config.sampling.groups, candidates)
+    sampler = ImportanceSampler(groups, len(palette), config.sampling, seed=config.seed,
+                                anchors=palette.space.anchor_ids())
+    per_parameter = config.sampling.score == "mean"
 
     steps_per_epoch = max(1, len(train_set) // config.batch_size)
     total_steps = config.steps if config.steps is not None else max(1, round(config.epochs * steps_per_epoch))
@@ -201,7 +223,7 @@ def train(palette: Palette, train_set: Dataset, costs: list[float], config: Trai
         for s in tqdm(candidates, desc="scoring stitches", disable=not progress or not accelerator.is_main_process,
                       leave=False):
             accelerator.backward(loss_fn(model, batch, s))
-            scores[s] = snip_score(path_params[s])
+            scores[s] = snip_score(path_params[s], per_parameter)
             optimizer.zero_grad(set_to_none=True)
         sampler.initialise(scores)
 
@@ -212,12 +234,13 @@ def train(palette: Palette, train_set: Dataset, costs: list[float], config: Trai
         stitch = int(broadcast(torch.tensor([sampler.sample()], device=accelerator.device))[0])
         loss = loss_fn(model, _to(batch, accelerator.device), stitch)
         accelerator.backward(loss)
-        sampler.update(stitch, snip_score(path_params[stitch]))
+        loss_value = float(loss.detach())
+        sampler.update(stitch, snip_score(path_params[stitch], per_parameter) if config.track_importance else 0.0,
+                       loss_value)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)  # None, not 0: the next step's untouched params are then skipped
 
-        loss_value = float(loss.detach())
         ema = loss_value if ema is None else 0.95 * ema + 0.05 * loss_value
         bar.update(1)
         bar.set_postfix(loss=f"{ema:.3f}", stitch=stitch, lr=f"{scheduler.get_last_lr()[0]:.1e}")
@@ -241,6 +264,7 @@ def train(palette: Palette, train_set: Dataset, costs: list[float], config: Trai
         importance=[float(v) for v in sampler.importance],
         updates=[int(v) for v in sampler.updates],
         groups=groups,
+        train_loss=[float(v) if n else None for v, n in zip(sampler.train_loss, sampler.updates)],
     )
 
 

@@ -87,8 +87,12 @@ class VisionAnchor(Anchor):
     def block(self, i: int, hidden: torch.Tensor, ctx: Any) -> torch.Tensor:
         return self.block_module(i)(hidden)
 
+    def head_features(self, hidden: torch.Tensor) -> torch.Tensor:
+        """What the classifier sees: the final norm's [CLS] token."""
+        return self.norm(hidden)[:, 0]
+
     def head(self, hidden: torch.Tensor, ctx: Any) -> torch.Tensor:
-        return self.classifier(self.norm(hidden)[:, 0])
+        return self.classifier(self.head_features(hidden))
 
     def embed_modules(self) -> dict[str, nn.Module]:
         return {"embeddings": self.embeddings} if self.embeddings is not None else {}
