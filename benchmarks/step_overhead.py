@@ -1,5 +1,8 @@
 """What stitching costs at training and at inference, measured side by side in one run.
 
+0. An ESTA training step against an SN-Net training step (full fine-tuning of anchors and stitching layers, as
+   SN-Net's direct adaptation) on the same stitch and batch, with where the time goes: forward, backward, the
+   importance score, the optimizer step.
 1. An ESTA training step on a stitch (sample bookkeeping, forward through the palette, backward, SNIP score,
    AdamW step) against a PEFT LoRA step (same rank, same q/k/v targets, same optimizer) on a plain model made of
    the same blocks (the deployed stitch with PEFT's LoRA injected).
@@ -37,17 +40,28 @@ def timed(fn, warmup: int = 3) -> callable:
     return once
 
 
-def esta_step(palette: Palette, stitch: int, x: torch.Tensor, y: torch.Tensor):
+def esta_step(palette: Palette, stitch: int, x: torch.Tensor, y: torch.Tensor, parts: dict | None = None,
+              score: bool = True):
+    """One training step as ``train.train`` runs it; ``parts`` collects the time of each phase."""
     params = [p for p in palette.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     path = palette.path_parameters(stitch)
 
     def step() -> None:
+        t0 = time.perf_counter()
         loss = F.cross_entropy(palette(x, stitch=stitch), y)
+        t1 = time.perf_counter()
         loss.backward()
-        snip_score(path)
+        t2 = time.perf_counter()
+        if score:
+            snip_score(path)
+        t3 = time.perf_counter()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        t4 = time.perf_counter()
+        if parts is not None:
+            for k, v in zip(("forward", "backward", "score", "optimizer"), (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+                parts.setdefault(k, []).append(v)
     return step
 
 
@@ -68,6 +82,12 @@ def peft_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, rank: in
         opt.step()
         opt.zero_grad(set_to_none=True)
     return step
+
+
+def anchors_copy(sources: list[str]):
+    with quiet_transformers():
+        torch.manual_seed(0)
+        return load_family(sources, num_labels=10)
 
 
 def plain_forward(model: DeployedStitch):
@@ -111,6 +131,9 @@ def main() -> None:
     y = torch.randint(0, 10, (args.batch_size,))
     palette = Palette(anchors)
     palette.init_stitching(x)
+    full = Palette(anchors_copy(args.anchors))  # SN-Net: the same family, every weight trainable
+    full.load_state_dict(palette.state_dict())
+    full.apply_pst(PSTConfig(full_finetune=True))
     pst = PSTConfig()
     palette.apply_pst(pst)
     last = len(anchors) - 1
@@ -122,6 +145,16 @@ def main() -> None:
     print(f"stitch {palette.space[stitch].name}, batch {args.batch_size}, {args.rounds} rounds, "
           f"{torch.get_num_threads()} threads")
     rows = []
+    parts_esta: dict = {}
+    parts_full: dict = {}
+    full.train()
+    a = timed(esta_step(palette, stitch, x, y, parts_esta))
+    b = timed(esta_step(full, stitch, x, y, parts_full, score=False))  # SN-Net samples uniformly: no score
+    for d in (parts_esta, parts_full):
+        d.clear()
+    ma, mb, r = ratio(a, b, args.rounds)
+    rows.append(("train step, stitch: ESTA (PST) / SN-Net (full fine-tuning)", ma, mb, r))
+    breakdown = {k: (statistics.median(parts_esta[k]), statistics.median(parts_full[k])) for k in parts_esta}
     for label, sid in (("stitch", stitch), ("largest anchor", largest)):
         plain = DeployedStitch.from_palette(palette, sid).train()
         head = (plain.end or plain.front).classifier
@@ -140,6 +173,9 @@ def main() -> None:
 
     for name, ma, mb, r in rows:
         print(f"{name:66s} {1e3 * ma:8.2f} ms / {1e3 * mb:8.2f} ms = {r:.3f}x")
+    print("where the time of a step goes (medians, ms): ESTA / SN-Net")
+    for k, (e, f) in breakdown.items():
+        print(f"  {k:10s} {1e3 * e:8.2f} / {1e3 * f:8.2f}")
 
 
 if __name__ == "__main__":

@@ -84,10 +84,14 @@ def test_train_deploy_evaluate_on_an_image_folder(tmp_path, vit_family):
              "--groups", "3", "--out", str(out), "--no-progress")
     assert r.returncode == 0, r.stderr
     results = json.loads((out / "results.json").read_text())
-    assert len(results["stitches"]) == len(build_space([3, 3, 3])) == 17 and len(results["deployed"]) == 3
+    assert len(results["stitches"]) == len(build_space([3, 3, 3])) == 17
+    budgets = [d["budget"] for d in results["deployed"]]
+    anchor_costs = [s["flops"] for s in results["stitches"] if s["is_anchor"]]
+    assert set(anchor_costs) <= set(budgets) and 3 <= len(budgets) <= 6  # a budget per group and per anchor
     for d in results["deployed"]:
         assert d["accuracy"] == pytest.approx(d["accuracy_in_palette"])  # reloaded model == palette
-        assert d["regret"] >= 0 and Path(d["path"], "model.safetensors").is_file()
+        assert d["regret"] >= 0 and d["regret_in_budget"] >= 0 and Path(d["path"], "model.safetensors").is_file()
+        assert d["flops"] <= d["budget"]
     assert (out / "pareto.png").stat().st_size > 10_000 and (out / "results.csv").is_file()
     # redeploy for one explicit budget from the finished run, then evaluate the deployed stitch alone
     budget = results["deployed"][1]["budget"] / 1e9
@@ -96,3 +100,21 @@ def test_train_deploy_evaluate_on_an_image_folder(tmp_path, vit_family):
     r = esta("evaluate", "--model", str(tmp_path / "dep" / "budget00"), "--data", str(data), "--no-progress")
     assert r.returncode == 0, r.stderr
     assert 0.0 <= json.loads(r.stdout.strip().splitlines()[-1])["accuracy"] <= 1.0
+
+
+def test_train_flags_reach_the_config_and_unset_ones_keep_its_defaults():
+    from esta.adapt import AdaptConfig
+    from esta.cli import _adapt_config, build_parser
+
+    args = build_parser().parse_args(["train", "--anchor-share", "0.4", "--score", "sum", "--head-init", "random",
+                                      "--deploy-by", "loss", "--no-score-init-batch", "--validation-sweep"])
+    cfg = _adapt_config(args)
+    assert cfg.train.sampling.anchor_share == 0.4 and cfg.train.sampling.score == "sum"
+    assert cfg.head_init == "random" and cfg.deploy_by == "loss" and cfg.validation_sweep
+    assert cfg.train.score_init_batch is False
+    default = _adapt_config(build_parser().parse_args(["train"]))
+    ref = AdaptConfig()
+    assert (default.head_init, default.deploy_by) == (ref.head_init, ref.deploy_by)
+    assert default.train.sampling.anchor_share == ref.train.sampling.anchor_share
+    assert default.train.sampling.score == ref.train.sampling.score
+    assert default.train.score_init_batch == ref.train.score_init_batch

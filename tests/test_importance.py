@@ -140,3 +140,24 @@ def test_sampling_settings_out_of_range_are_refused():
                 dict(score="max")):
         with pytest.raises(EstaError):
             ImportanceSampler([[0]], 1, SamplingConfig(**bad))
+
+
+def test_choice_within_the_budget_never_gets_worse_with_a_larger_budget():
+    costs = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+    groups = [[0, 1], [2, 3], [4, 5]]
+    score = [0.5, 0.9, 0.2, 0.3, 0.1, 0.4]  # the best cheap stitch (1) beats everything costlier
+    by_group = [c.stitch_id for c in choose(groups, costs, score)]
+    by_budget = [c.stitch_id for c in choose(groups, costs, score, within="budget")]
+    assert by_group == [1, 3, 5]  # the paper's unit: each group's own best
+    assert by_budget == [1, 1, 1]  # a larger budget may always take a cheaper, better stitch
+    (c,) = choose(groups, costs, score, budgets=[4.5], within="budget")
+    assert c.candidates == [0, 1, 2, 3] and c.stitch_id == 1
+    with pytest.raises(EstaError, match="within"):
+        choose(groups, costs, score, within="everywhere")
+
+
+def test_largest_drop_reads_the_curve_from_cheap_to_costly():
+    from esta.adapt import largest_drop
+
+    assert largest_drop([0.5, 0.6, 0.7]) == 0
+    assert largest_drop([0.5, 0.8, 0.7, 0.75, 0.9]) == pytest.approx(0.1)

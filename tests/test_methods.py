@@ -20,6 +20,14 @@ def run(tmp_path, family, method: str, **kw) -> dict:
     return adapt(cfg)
 
 
+def one_per_group_and_anchor(r: dict) -> bool:
+    """The default budgets: each budget group's costliest stitch (3 groups here) and each anchor's own cost."""
+    budgets = [d["budget"] for d in r["deployed"]]
+    anchor_costs = {s["flops"] for s in r["stitches"] if s["is_anchor"]}
+    return (anchor_costs <= set(budgets) and len(set(budgets)) == len(budgets) <= 3 + len(anchor_costs)
+            and all(d["flops"] <= d["budget"] for d in r["deployed"]))
+
+
 def test_unknown_method_is_refused():
     with pytest.raises(EstaError, match="unknown method 'lora'.*snnet"):
         get_method("lora")
@@ -38,7 +46,7 @@ def test_snnet_fine_tunes_everything_and_deploys_by_validation(tmp_path, vit_fam
     r = run(tmp_path, vit_family, "snnet")
     assert r["method"] == "snnet"
     assert r["train"]["trainable_params"] == r["train"]["total_params"]  # anchors + stitching layers, no LoRA
-    assert len(r["deployed"]) == 3 and len(r["summary"]["group_accuracy"]) == 3
+    assert one_per_group_and_anchor(r) and len(r["summary"]["group_accuracy"]) == len(r["deployed"])
     palette, _ = load_run(tmp_path / "snnet")  # reloads as a full fine-tune, no PST layers
     assert not any("lora" in n for n, _ in palette.named_parameters())
 
@@ -47,7 +55,7 @@ def test_anchors_lora_trains_and_deploys_only_anchors(tmp_path, vit_family):
     r = run(tmp_path, vit_family, "anchors-lora")
     anchors = {s["id"] for s in r["stitches"] if s["is_anchor"]}
     assert {s["id"] for s in r["stitches"] if s["updates"]} <= anchors
-    assert {d["stitch_id"] for d in r["deployed"]} <= anchors and len(r["deployed"]) == 3
+    assert {d["stitch_id"] for d in r["deployed"]} <= anchors and one_per_group_and_anchor(r)
     assert all(s["accuracy"] is None for s in r["stitches"] if s["id"] not in anchors)  # only anchors swept
 
 
@@ -69,7 +77,7 @@ def test_linear_probe_fits_heads_only_and_deploys_anchors(tmp_path, vit_family):
     r = run(tmp_path, vit_family, "linear-probe")
     anchors = {s["id"] for s in r["stitches"] if s["is_anchor"]}
     assert r["train"]["steps"] == 0 and not any(s["updates"] for s in r["stitches"])
-    assert {d["stitch_id"] for d in r["deployed"]} <= anchors and len(r["deployed"]) == 3
+    assert {d["stitch_id"] for d in r["deployed"]} <= anchors and one_per_group_and_anchor(r)
     assert r["head_init"]["mode"] == "probe" and len(r["head_init"]["probes"]) == 3
 
 

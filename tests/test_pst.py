@@ -96,3 +96,28 @@ def test_key_projections_get_no_stitch_bias(palette):
         for block in anchor.blocks:
             assert len(block.attention.k_proj.stitch_bias) == 0
             assert len(block.attention.q_proj.stitch_bias) > 0 and len(block.attention.v_proj.stitch_bias) > 0
+
+
+def test_fused_forward_matches_the_plain_formula_and_its_gradients():
+    from esta.pst import ActiveStitch, StitchLinear
+
+    torch.manual_seed(0)
+    active = ActiveStitch(3)
+    layer = StitchLinear(torch.nn.Linear(6, 5), rank=2, alpha=4.0, active=active, stitch_ids=[3, 4])
+    with torch.no_grad():
+        layer.lora_B.normal_()
+        layer.stitch_bias["3"].normal_()
+    x = torch.randn(2, 7, 6, requires_grad=True)
+    y = layer(x)
+    ref_x = x.detach().clone().requires_grad_(True)
+    ref = (torch.nn.functional.linear(ref_x, layer.base.weight, layer.base.bias)
+           + (ref_x @ layer.lora_A.t() @ layer.lora_B.t()) * layer.scaling + layer.stitch_bias["3"])
+    torch.testing.assert_close(y, ref)
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, [x, layer.lora_A, layer.lora_B, layer.stitch_bias["3"]], g)
+    ref_grads = torch.autograd.grad(ref, [ref_x, layer.lora_A, layer.lora_B, layer.stitch_bias["3"]], g)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b)
+    active.id = 4  # another stitch: its own (zero) bias, and stitch 3's bias gets no gradient
+    layer(x).sum().backward()
+    assert layer.stitch_bias["3"].grad is None and layer.stitch_bias["4"].grad is not None

@@ -20,6 +20,7 @@ from .families import Anchor, VisionAnchor, load_anchor, load_family
 from .importance import ImportanceSampler, SamplingConfig, budget_groups, snip_score
 from .methods import METHODS, Method, get_method
 from .palette import Palette, run_stitch
+from .probe import fit_probe, probe_head
 from .pst import PSTConfig, StitchLinear
 from .space import Stitch, StitchSpace, build_space
 from .train import TrainConfig, TrainResult, train
@@ -35,7 +36,7 @@ __all__ = [
     "accuracy", "sweep",
     "Anchor", "VisionAnchor", "load_anchor", "load_family",
     "ImportanceSampler", "SamplingConfig", "budget_groups", "snip_score",
-    "Palette", "run_stitch",
+    "Palette", "run_stitch", "fit_probe", "probe_head",
     "PSTConfig", "StitchLinear",
     "Stitch", "StitchSpace", "build_space",
     "TrainConfig", "TrainResult", "train",

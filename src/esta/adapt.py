@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -22,14 +23,14 @@ from .data import TensorImageDataset, load_image_task, stratified_split
 from .deploy import Choice, DeployedStitch, check_budgets, choose
 from .errors import EstaError
 from .evaluate import accuracy, spearman, sweep
-from .families import MINI_FAMILY, load_family
+from .families import MINI_FAMILY, anchor_names, load_family
 from .importance import budget_groups
-from .methods import Method, get_method
+from .methods import get_method
 from .palette import Palette
 from .pst import PSTConfig
 from .report import pareto_plot, write_results
 from .probe import probe_head
-from .train import TrainConfig, TrainResult, train, untrained_result
+from .train import TrainConfig, TrainResult, candidate_groups, train, untrained_result
 
 log = logging.getLogger("esta")
 
@@ -55,6 +56,9 @@ class AdaptConfig:
     #: how every new task head starts: "probe" (ours: a linear probe of its anchor's frozen features on the
     #: training set) or "random" (trunc-normal, as ViT); the same for every method, so they stay comparable
     head_init: str = "probe"
+    #: how ESTA and its ablations pick one stitch per budget (see ``select``); the baselines always use validation
+    deploy_by: str = "importance"
+    validation_sweep: bool = False  # also record every stitch's validation accuracy (to study deployment rules)
     probe_examples: int = 5000  # training examples the probes are fitted on (a stratified subset beyond that)
     sweep: bool = True  # evaluate every stitch (the honest check of the choice; SN-Net's way to choose)
     train_examples: int | str | None = "default"
@@ -93,7 +97,6 @@ def adapt(config: AdaptConfig) -> dict:
     for a in anchors:
         a.new_task_head(len(task.classes))
     head_init = "probe" if not method.train else config.head_init  # a linear probe is the whole of that method
-    probes = probe_heads(anchors, task, config.probe_examples, seed) if head_init == "probe" else []
     val_set, eval_set = held_out_sets(task.test, config.validation_examples, config.eval_examples, seed)
 
     # 2. the palette: stitching layers fitted by least squares, costs counted on the plain layers, then PST
@@ -107,6 +110,8 @@ def adapt(config: AdaptConfig) -> dict:
     flops = [float(c.flops) for c in costs]
     if config.budgets:
         check_budgets([b * 1e9 for b in config.budgets], flops, unit=1e9, name=" GFLOPs")
+    # the heads start as linear probes only now, after every check that can refuse the run (they log a line each)
+    probes = probe_heads(anchors, task, config.probe_examples, seed) if head_init == "probe" else []
     palette.apply_pst(method.pst(config.pst))
     # logged only now, after every check that can refuse the run, so a refusal is the only thing printed
     log.info("task %s: %d classes, %d training examples, %d test examples (evaluating on %d, %d held out for "
@@ -122,10 +127,12 @@ def adapt(config: AdaptConfig) -> dict:
 
     # 3. one training run for the whole palette (for anchors-lora: each anchor, as many steps each)
     trained = palette.space.anchor_ids() if method.anchors_only else None
-    # the scoring batch only seeds the importance scores; methods that deploy by validation never read them
-    train_cfg = replace(config.train, sampling=method.sampling(config.train.sampling),
-                        score_init_batch=config.train.score_init_batch and method.deploy_by == "importance")
-    train_cfg = replace(train_cfg, track_importance=method.deploy_by == "importance" or not train_cfg.sampling.uniform)
+    # the baselines deploy by validation; ESTA and its ablations by config.deploy_by (importance: the paper's rule)
+    deploy_by = config.deploy_by if method.deploy_by == "importance" else method.deploy_by
+    sampling = method.sampling(config.train.sampling)
+    needs_scores = deploy_by == "importance" or not sampling.uniform  # else the SNIP score is never read
+    train_cfg = replace(config.train, sampling=sampling, track_importance=needs_scores,
+                        score_init_batch=config.train.score_init_batch and needs_scores)
     if trained is not None:
         train_cfg = replace(train_cfg, epochs=train_cfg.epochs * len(trained),
                             steps=train_cfg.steps * len(trained) if train_cfg.steps is not None else None)
@@ -139,8 +146,8 @@ def adapt(config: AdaptConfig) -> dict:
     t0 = time.perf_counter()
     palette.eval()
     budgets = [b * 1e9 for b in config.budgets] if config.budgets else None
-    choices = select(method, palette, result, flops, budgets, val_set, config.train.sampling.groups,
-                     config.progress)
+    choices, val_sweep = select(deploy_by, palette, result, flops, budgets, val_set, config.train.sampling.groups,
+                                config.progress)
     select_seconds = time.perf_counter() - t0
     deployed_dirs = export_choices(palette, choices, flops, [c.params for c in costs], result.importance,
                                    task.name, task.classes, out / "deployed")
@@ -156,8 +163,11 @@ def adapt(config: AdaptConfig) -> dict:
     val_acc = [accuracy(lambda x, s=c.stitch_id: palette(x, stitch=s), val_set) for c in choices] if len(val_set) \
         else [None] * len(choices)
 
+    if config.validation_sweep and not val_sweep and len(val_set):  # for studying the deployment rules
+        val_sweep = sweep(palette, val_set, stitches=sorted(s for g in result.groups for s in g),
+                          progress=config.progress)
     results = _results(config, task, palette, costs, result, choices, sweep_acc, deployed_acc, deployed_dirs,
-                       len(eval_set))
+                       len(eval_set), val_sweep, deploy_by)
     for d, v in zip(results["deployed"], val_acc):
         d["validation_accuracy"] = v
     results["summary"]["mean_validation_accuracy"] = (sum(val_acc) / len(val_acc)) if val_acc and len(val_set) \
@@ -195,24 +205,46 @@ def held_out_sets(test, validation_examples: int, eval_examples: int | None, see
     return materialize(test, val_idx), materialize(test, [int(rest[i]) for i in pick])
 
 
-def select(method: Method, palette: Palette, result: TrainResult, flops: list[float], budgets: list[float] | None,
-           val_set, groups: int, progress: bool = True) -> list[Choice]:
-    """One stitch per budget (default: per budget group): by importance, or by accuracy on held-out data."""
-    if method.deploy_by == "importance":
-        return choose(result.groups, flops, result.importance, budgets)
+DEPLOY_RULES = ("importance", "loss", "validation")
+
+
+def default_budgets(palette: Palette, costs: list[float], groups: int) -> list[float]:
+    """One budget per budget group (its costliest stitch) and one at each anchor's own cost: a user who would have
+    deployed an anchor gets a network of exactly that cost to compare with."""
+    tops = {max(costs[s] for s in g) for g in budget_groups(costs, groups)}
+    return sorted(tops | {costs[s] for s in palette.space.anchor_ids()})
+
+
+def select(deploy_by: str, palette: Palette, result: TrainResult, flops: list[float], budgets: list[float] | None,
+           val_set, groups: int, progress: bool = True) -> tuple[list[Choice], dict[int, float]]:
+    """One stitch per budget (default: one budget per group of the whole palette, so every method answers the same
+    budgets), and the validation accuracies it looked at (empty unless it deploys by validation).
+
+    ``importance`` (the paper's one-stage rule): the highest importance inside the budget's group; importance only
+    compares stitches of similar cost. ``loss`` (ours, also one-stage): the lowest moving-average training loss
+    among all trained stitches within the budget. ``validation`` (SN-Net's sweep): the best accuracy on held-out
+    examples among all trained stitches within the budget.
+    """
+    if deploy_by not in DEPLOY_RULES:
+        raise EstaError(f"unknown deployment rule {deploy_by!r}; choose from {', '.join(DEPLOY_RULES)}")
+    if budgets is None:
+        budgets = default_budgets(palette, flops, groups)
+    if deploy_by == "importance":
+        return choose(result.groups, flops, result.importance, budgets), {}
+    if deploy_by == "loss":
+        score = [-v if v is not None else -math.inf for v in result.train_loss]
+        return choose(result.groups, flops, score, budgets, within="budget"), {}
     if len(val_set) == 0:
-        raise EstaError(f"method {method.name} chooses by validation accuracy but no examples are held out "
-                        "(validation_examples=0, or a test split under 4 examples)")
+        raise EstaError("deploying by validation accuracy needs held-out examples (validation_examples=0, or a "
+                        "test split under 4 examples)")
     trained = sorted(s for g in result.groups for s in g)
     val_acc = sweep(palette, val_set, stitches=trained, progress=progress)
-    if budgets is None:  # the palette's own budget groups, so every method answers the same budgets
-        budgets = [max(flops[s] for s in g) for g in budget_groups(flops, groups)]
-    return choose(result.groups, flops, val_acc, budgets)
+    return choose(result.groups, flops, val_acc, budgets, within="budget"), val_acc
 
 
 def _results(config: AdaptConfig, task, palette: Palette, costs, result: TrainResult, choices: list[Choice],
              sweep_acc: dict[int, float], deployed_acc: list[float], deployed_dirs: list[Path],
-             n_eval: int) -> dict:
+             n_eval: int, val_sweep: dict[int, float], deploy_by: str) -> dict:
     group_of = {s: g for g, members in enumerate(result.groups) for s in members}
     chosen = {c.stitch_id for c in choices}
     stitches = []
@@ -223,38 +255,65 @@ def _results(config: AdaptConfig, task, palette: Palette, costs, result: TrainRe
             "flops": costs[s.id].flops, "params": costs[s.id].params,
             "accuracy": sweep_acc.get(s.id), "importance": result.importance[s.id],
             "updates": result.updates[s.id], "group": group_of.get(s.id), "deployed": s.id in chosen,
+            "train_loss": result.train_loss[s.id] if result.train_loss else None,
+            "validation_accuracy": val_sweep.get(s.id),
         })
     deployed = []
     for c, acc, d in zip(choices, deployed_acc, deployed_dirs):
-        best = max((sweep_acc[s] for s in c.candidates), default=None) if sweep_acc else None
+        # regret: against the best of the stitches the rule chose among (its budget group for importance);
+        # regret_in_budget: against every evaluated stitch that fits the budget, what a user could have had
+        best = max((sweep_acc[s] for s in c.candidates if s in sweep_acc), default=None) if sweep_acc else None
+        fits = [a for s, a in sweep_acc.items() if costs[s].flops <= c.budget]
+        best_fit = max(fits) if fits else None
         deployed.append({
             "budget": c.budget, "stitch_id": c.stitch_id, "name": palette.space[c.stitch_id].name,
             "flops": costs[c.stitch_id].flops, "params": costs[c.stitch_id].params,
             "accuracy": acc, "accuracy_in_palette": sweep_acc.get(c.stitch_id),
-            "best_accuracy_in_budget": best, "regret": (best - acc) if best is not None else None,
+            "best_accuracy_in_budget": best_fit, "regret_in_budget": (best_fit - acc) if best_fit is not None else None,
+            "best_accuracy_in_candidates": best, "regret": (best - acc) if best is not None else None,
             "candidates": c.candidates, "path": str(d),
         })
     accs = [d["accuracy"] for d in deployed]
     anchor_acc = {f"anchor{s.front}": sweep_acc.get(s.id) for s in palette.space.stitches if s.is_anchor}
+    names = anchor_names([a.source for a in palette.anchors])
+    anchors = [{"name": names[s.front], "source": palette.anchors[s.front].source, "stitch_id": s.id,
+                "flops": costs[s.id].flops, "params": costs[s.id].params, "accuracy": sweep_acc.get(s.id),
+                "updates": result.updates[s.id]}
+               for s in palette.space.stitches if s.is_anchor]
     return {
         "method": config.method, "task": task.name, "classes": task.classes, "anchors": [a.source for a in palette.anchors],
         "eval_examples": n_eval, "train_examples": len(task.train),
         "space": {k: v for k, v in palette.space.to_dict().items() if k != "stitches"},
         "stitches": stitches,
         "deployed": deployed,
+        "anchors_in_palette": anchors,
         "summary": {
             "spearman_budget_accuracy": spearman([d["budget"] for d in deployed], accs),
             "mean_deployed_accuracy": sum(accs) / len(accs) if accs else None,
             "group_accuracy": accs,
             "mean_regret": (sum(d["regret"] for d in deployed) / len(deployed)) if sweep_acc and deployed else None,
+            "mean_regret_in_budget": (sum(d["regret_in_budget"] for d in deployed) / len(deployed))
+            if sweep_acc and deployed else None,
+            "largest_drop": largest_drop([d["accuracy"] for d in sorted(deployed, key=lambda d: d["budget"])]),
             "anchor_accuracy": anchor_acc,
         },
+        "deploy_by": deploy_by,
         "train": {"seconds": result.seconds, "steps": result.steps, "trainable_params": result.trainable_params,
                   "total_params": result.total_params, "peak_rss_mb": result.peak_rss_mb,
                   "train_rss_increase_mb": result.train_rss_increase_mb,
                   "final_loss": result.final_loss},
         "config": config.to_dict(),
     }
+
+
+def largest_drop(accuracies: list[float]) -> float:
+    """How far the deployed accuracy, read from the cheapest budget up, ever falls below a cheaper one (0 when it
+    never falls): the "rises with budget" check."""
+    drop, best = 0.0, -math.inf
+    for a in accuracies:
+        drop = max(drop, best - a)
+        best = max(best, a)
+    return drop
 
 
 def load_run(run_dir: str | Path) -> tuple[Palette, dict]:
@@ -272,7 +331,11 @@ def load_run(run_dir: str | Path) -> tuple[Palette, dict]:
     palette.apply_pst(method.pst(PSTConfig(**{**pst, "lora_targets": tuple(pst["lora_targets"]),
                                               "no_bias_targets": tuple(pst["no_bias_targets"])})))
     load_adaptation(run_dir / "checkpoint", palette)
-    info["importance"] = [float(v) for v in load_sampler_state(run_dir / "checkpoint")["importance"]]
+    sampler = load_sampler_state(run_dir / "checkpoint")
+    info["importance"] = [float(v) for v in sampler["importance"]]
+    info["updates"] = [int(v) for v in sampler["updates"]]
+    if "train_loss" in sampler:
+        info["train_loss"] = [float(v) if n else None for v, n in zip(sampler["train_loss"], info["updates"])]
     return palette.eval(), info
 
 
@@ -280,15 +343,23 @@ def redeploy(run_dir: str | Path, budgets: list[float] | None, out_dir: str | Pa
     """Deploy again from a finished run, e.g. for other budgets (GFLOPs): no retraining, no evaluation sweep."""
     palette, info = load_run(run_dir)
     method = get_method(info["config"].get("method", "esta"))
-    if method.deploy_by != "importance":
-        raise EstaError(f"{run_dir} was trained with --method {method.name}, which deploys by a validation sweep, "
-                        "not by importance; only importance-based runs can be redeployed without data")
+    deploy_by = info["config"].get("deploy_by", "importance") if method.deploy_by == "importance" else "validation"
+    if deploy_by == "validation":
+        raise EstaError(f"{run_dir} deploys by a validation sweep (--method {method.name} / --deploy-by validation); "
+                        "only runs that deploy by importance or training loss can be redeployed without data")
+    if deploy_by == "loss" and "train_loss" not in info:
+        raise EstaError(f"{run_dir}'s checkpoint has no training-loss averages to deploy by")
     flops = [float(f) for f in info["flops"]]
     sampling = info["config"]["train"]["sampling"]
-    groups = budget_groups(flops, sampling["groups"])
     if budgets:
         check_budgets([b * 1e9 for b in budgets], flops, unit=1e9, name=" GFLOPs")
-    choices = choose(groups, flops, info["importance"], [b * 1e9 for b in budgets] if budgets else None)
+    trained = palette.space.anchor_ids() if method.anchors_only else None
+    result = TrainResult(steps=0, seconds=0.0, trainable_params=0, total_params=0, peak_rss_mb=0.0,
+                         train_rss_increase_mb=0.0, final_loss=float("nan"), importance=info["importance"],
+                         updates=info["updates"], train_loss=info.get("train_loss", []),
+                         groups=candidate_groups(flops, sampling["groups"], trained or list(range(len(flops)))))
+    choices, _ = select(deploy_by, palette, result, flops, [b * 1e9 for b in budgets] if budgets else None, [],
+                        sampling["groups"], progress=False)
     paths = export_choices(palette, choices, flops, info["params"], info["importance"], info["task"],
                            info["classes"], Path(out_dir) if out_dir else Path(run_dir) / "deployed")
     return [{"budget": c.budget, "stitch_id": c.stitch_id, "name": palette.space[c.stitch_id].name,

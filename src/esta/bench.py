@@ -1,10 +1,16 @@
-"""``esta bench``: every method on every task with the same data, epochs and seeds, side by side in one run.
+"""``esta bench``: every method on every task with the same data, steps and seeds, side by side in one run.
+
+The protocol (the paper's price: a whole palette for about one fine-tuning): every palette method trains for
+``steps`` steps in all; ``anchors-lora`` trains each anchor alone for ``steps`` steps; ``linear-probe`` fits the
+anchors' heads and trains nothing. ``steps`` is a count at which ``anchors-lora`` is within a point of its own
+result at three times the steps (measured; see the README). Every method starts its new heads the same way.
 
 Each (task, method, seed) is its own ``esta train`` subprocess, so its peak memory is its own (``ru_maxrss`` of a
 process never goes down) and a crash costs one run: a finished run is reused when the bench is started again with
-the same settings (its command line is kept beside its ``results.json``). Learning rates: the full bench first sweeps a grid per method on the first task (seed 0) and
-keeps, for each method, the rate with the best mean *validation* accuracy of its deployed stitches (held-out test
-examples, disjoint from the evaluation subset); the quick bench uses each method's default rate.
+the same settings (its command line is kept beside its ``results.json``). Learning rates: the full bench first
+sweeps a grid per method on the first task (seed 0) and keeps, for each method, the rate with the best mean
+*validation* accuracy of its deployed stitches (held-out test examples, disjoint from the evaluation subset); the
+quick bench uses each method's default rate. The other tasks are never looked at while choosing anything.
 """
 
 from __future__ import annotations
@@ -24,15 +30,19 @@ from tqdm.auto import tqdm
 
 from .errors import EstaError
 from .families import MINI_FAMILY
-from .methods import METHODS, get_method
+from .methods import get_method
 from .report import bench_plot
 
 log = logging.getLogger("esta.bench")
 
 TASKS = ["animal-shapes", "mnist", "digits"]
-#: learning-rate grids for the sweep (PST trains LoRA and biases from zero; full fine-tuning moves pretrained weights)
+METHODS = ["esta", "esta-uniform", "esta-shared-bias", "snnet", "anchors-lora", "linear-probe"]
+#: learning-rate grids for the sweep (PST trains LoRA and biases from zero; full fine-tuning moves pretrained
+#: weights). Empty: reuse esta's chosen rate (same PST, same parameters); absent: the method's default.
 LR_GRID = {"esta": [1e-3, 2e-3, 4e-3], "esta-uniform": [], "esta-shared-bias": [],
-           "snnet": [3e-5, 1e-4, 3e-4], "anchors-lora": []}  # empty: reuse esta's chosen rate (same PST)
+           "snnet": [3e-5, 1e-4, 3e-4], "anchors-lora": [1e-3, 2e-3, 4e-3]}
+#: a deployed stitch may cost this much more than an anchor and still count as "at the anchor's budget"
+FLOPS_SLACK = 1.05
 
 
 @dataclass
@@ -41,32 +51,33 @@ class BenchConfig:
     tasks: list[str] = field(default_factory=lambda: list(TASKS))
     methods: list[str] = field(default_factory=lambda: list(METHODS))
     seeds: list[int] = field(default_factory=lambda: [0, 1])
-    epochs: float = 6.0
+    steps: int = 300  # palette steps in all; anchors-lora: this many for each anchor
+    batch_size: int = 64
     eval_examples: int = 500
     validation_examples: int = 250
     lr_sweep: bool = True
-    #: methods whose runs also evaluate every stitch on the test subset (for the regret). SN-Net, the ablations
-    #: and the learning-rate sweep runs skip it: their deployed stitches and validation accuracy are all they
-    #: report, and the sweep (71 stitches × the evaluation set) would otherwise be most of the bench's time.
-    regret_methods: list[str] = field(default_factory=lambda: ["esta", "anchors-lora"])
+    #: methods whose runs also evaluate every stitch they trained on the test subset (for the regret). SN-Net and
+    #: the ablations skip it: their deployed stitches and validation accuracy are all they report.
+    regret_methods: list[str] = field(default_factory=lambda: ["esta", "anchors-lora", "linear-probe"])
     out_dir: str = "runs/bench"
     threads: int | None = None  # torch threads per run (default: torch's own choice)
     progress: bool = True
 
     @classmethod
     def quick(cls, **kw) -> "BenchConfig":
-        """≤ 10 minutes on 2 cores (8 min 48 s measured): one seed, one epoch, small evaluation sets, no sweeps."""
-        return cls(**{"seeds": [0], "epochs": 1.0, "eval_examples": 200, "validation_examples": 100,
-                      "lr_sweep": False, "regret_methods": [], **kw})
+        """A smoke run of the same pipeline (≤ 10 minutes on 2 cores): one seed, few steps, small evaluation sets,
+        no learning-rate sweep."""
+        return cls(**{"seeds": [0], "steps": 40, "eval_examples": 200, "validation_examples": 100,
+                      "lr_sweep": False, "regret_methods": ["esta"], **kw})
 
 
 def _run(cfg: BenchConfig, task: str, method: str, seed: int, lr: float, out: Path, sweep: bool = True) -> dict:
     """One ``esta train`` in a subprocess; its results.json (reused if this very command already finished)."""
     results, made_by = out / "results.json", out / "bench_args.json"
     args = ["train", "--anchors", *cfg.anchors, "--data", task, "--method", method, "--seed", str(seed),
-            "--lr", repr(lr), "--epochs", repr(cfg.epochs), "--eval-examples", str(cfg.eval_examples),
-            "--validation-examples", str(cfg.validation_examples), "--checkpoint-every", "0", "--out", str(out),
-            "--no-progress"] + ([] if sweep else ["--no-sweep"])
+            "--lr", repr(lr), "--steps", str(cfg.steps), "--batch-size", str(cfg.batch_size),
+            "--eval-examples", str(cfg.eval_examples), "--validation-examples", str(cfg.validation_examples),
+            "--checkpoint-every", "0", "--out", str(out), "--no-progress"] + ([] if sweep else ["--no-sweep"])
     if results.is_file() and made_by.is_file():
         if json.loads(made_by.read_text()) == args:  # a finished run of this very configuration: reuse it
             return json.loads(results.read_text())
@@ -95,31 +106,61 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def _points(rows_per_seed: list[list[dict]], keys: tuple[str, ...]) -> list[dict]:
+    """Per position (deployed budget, or anchor), mean and spread of the accuracy over seeds."""
+    out = []
+    for rows in zip(*rows_per_seed):
+        accs = [r["accuracy"] for r in rows if r.get("accuracy") is not None]
+        mean, std = _mean_std(accs) if accs else (None, None)
+        point = {k: rows[0][k] for k in keys if k in rows[0]}
+        point.update({"flops": statistics.fmean(r["flops"] for r in rows), "accuracy": mean, "accuracy_std": std,
+                      "accuracy_per_seed": accs})
+        out.append(point)
+    return out
+
+
 def summarise(runs: list[dict]) -> dict:
     """One method on one task, over seeds: the fields of bench.json."""
-    groups = [r["summary"]["group_accuracy"] for r in runs]
-    per_group = [list(col) for col in zip(*groups)]
     means = [r["summary"]["mean_deployed_accuracy"] for r in runs]
     regrets = [r["summary"]["mean_regret"] for r in runs if r["summary"]["mean_regret"] is not None]
+    regrets_b = [r["summary"].get("mean_regret_in_budget") for r in runs
+                 if r["summary"].get("mean_regret_in_budget") is not None]
     mean, std = _mean_std(means)
+    deployed = _points([r["deployed"] for r in runs], ("name", "budget"))
+    anchors = _points([r["anchors_in_palette"] for r in runs], ("name", "updates"))
     return {
-        "group_accuracy": [statistics.fmean(c) for c in per_group],
-        "group_accuracy_std": [_mean_std(c)[1] for c in per_group],
-        "group_flops": [statistics.fmean(c) for c in zip(*[[d["flops"] for d in r["deployed"]] for r in runs])],
+        "deployed": deployed,
+        "anchors": anchors,
+        "group_accuracy": [d["accuracy"] for d in deployed],
+        "group_accuracy_std": [d["accuracy_std"] for d in deployed],
+        "group_flops": [d["flops"] for d in deployed],
         "mean_accuracy": mean,
         "mean_accuracy_std": std,
         "mean_accuracy_per_seed": means,
+        "largest_drop": _largest_drop([d["accuracy"] for d in deployed]),
         "train_seconds": statistics.fmean(r["train"]["seconds"] for r in runs),
+        "train_seconds_per_seed": [r["train"]["seconds"] for r in runs],
+        "steps": runs[0]["train"]["steps"],
         "trainable_params": runs[0]["train"]["trainable_params"],
         "peak_rss_mb": max(r["train"]["peak_rss_mb"] for r in runs),
         "train_rss_increase_mb": max(r["train"]["train_rss_increase_mb"] for r in runs),
         "deploy_seconds": statistics.fmean(r["timing"]["select_seconds"] for r in runs),
         "sweep_seconds": statistics.fmean(r["timing"]["sweep_seconds"] for r in runs),
         "mean_regret": statistics.fmean(regrets) if regrets else None,
+        "mean_regret_in_budget": statistics.fmean(regrets_b) if regrets_b else None,
+        "deploy_by": runs[0].get("deploy_by"),
         "lr": runs[0]["config"]["train"]["lr"],
         "seeds": [r["config"]["train"]["seed"] for r in runs],
         "anchor_accuracy": runs[0]["summary"]["anchor_accuracy"],
     }
+
+
+def _largest_drop(accuracies: list[float | None]) -> float:
+    drop, best = 0.0, float("-inf")
+    for a in accuracies:
+        if a is not None:
+            drop, best = max(drop, best - a), max(best, a)
+    return drop
 
 
 def sweep_learning_rates(cfg: BenchConfig, bar: tqdm) -> tuple[dict[str, float], dict]:
@@ -142,13 +183,16 @@ def sweep_learning_rates(cfg: BenchConfig, bar: tqdm) -> tuple[dict[str, float],
     for method in cfg.methods:  # the other PST variants share ESTA's rate: same parameters, same scale
         if method not in chosen:
             m = get_method(method)
-            chosen[method] = chosen["esta"] if "esta" in chosen and not m.full_finetune else m.lr
+            esta_like = not m.full_finetune and method in LR_GRID
+            chosen[method] = chosen["esta"] if "esta" in chosen and esta_like else m.lr
     return chosen, table
 
 
 def run_bench(cfg: BenchConfig) -> dict:
     for m in cfg.methods:
         get_method(m)
+    if cfg.steps < 1:
+        raise EstaError(f"bench steps must be >= 1, got {cfg.steps}")
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     n_sweep = sum(len(LR_GRID.get(m) or []) for m in cfg.methods) if cfg.lr_sweep else 0
@@ -163,12 +207,15 @@ def run_bench(cfg: BenchConfig) -> dict:
                 runs = []
                 for seed in cfg.seeds:
                     bar.set_description(f"{task} {method} seed {seed}")
+                    # anchors-only methods always evaluate their (three) anchors: that is their whole result
+                    sweep = method in cfg.regret_methods or get_method(method).anchors_only
                     runs.append(_run(cfg, task, method, seed, lrs[method], out / slug(task) / method / f"seed{seed}",
-                                     sweep=method in cfg.regret_methods))
+                                     sweep=sweep))
                     bar.update(1)
                 tasks[task][method] = summarise(runs)
             _write(cfg, out, tasks, lrs, lr_table, time.perf_counter() - t0)  # partial results survive a crash
-            bench_plot(tasks[task], out / f"pareto-{slug(task)}.png", title=f"{task}: deployed stitch per budget")
+            bench_plot(tasks[task], out / f"pareto-{slug(task)}.png",
+                       title=f"{task}: deployed network per budget ({len(cfg.seeds)} seed(s), {cfg.steps} steps)")
     return _write(cfg, out, tasks, lrs, lr_table, time.perf_counter() - t0)
 
 
@@ -180,14 +227,44 @@ def _write(cfg: BenchConfig, out: Path, tasks: dict, lrs: dict, lr_table: dict, 
     return bench
 
 
+def _diff(a: dict, b: dict) -> tuple[float, float]:
+    """Mean difference of two methods' mean deployed accuracy (points), and its spread over paired seeds."""
+    pa, pb = a["mean_accuracy_per_seed"], b["mean_accuracy_per_seed"]
+    diffs = [100 * (x - y) for x, y in zip(pa, pb)]
+    return statistics.fmean(diffs), (statistics.stdev(diffs) if len(diffs) > 1 else 0.0)
+
+
+def best_within(deployed: list[dict], flops: float) -> float | None:
+    """The best mean accuracy among deployed networks that cost at most ``flops`` (with the slack)."""
+    fits = [d["accuracy"] for d in deployed if d["accuracy"] is not None and d["flops"] <= FLOPS_SLACK * flops]
+    return max(fits) if fits else None
+
+
 def claims(tasks: dict) -> dict:
-    """The issue's goals, checked on the measured numbers (ESTA against SN-Net and the ablations)."""
+    """The issue's goals, checked on the measured numbers."""
     out = {}
     for task, m in tasks.items():
         c: dict = {}
+        if "esta" in m:
+            e = m["esta"]
+            c["esta_largest_drop_points"] = 100 * e["largest_drop"]
+            c["esta_mean_regret_points"] = 100 * e["mean_regret"] if e["mean_regret"] is not None else None
+            c["esta_mean_regret_in_budget_points"] = (100 * e["mean_regret_in_budget"]
+                                                      if e["mean_regret_in_budget"] is not None else None)
+            per_anchor = []
+            for ref_name in ("anchors-lora", "linear-probe"):
+                if ref_name not in m:
+                    continue
+                for a in m[ref_name]["anchors"]:
+                    best = best_within(e["deployed"], a["flops"])
+                    per_anchor.append({"reference": ref_name, "anchor": a["name"], "flops": a["flops"],
+                                       "reference_accuracy": a["accuracy"], "esta_best_within": best,
+                                       "esta_minus_reference_points": None if best is None or a["accuracy"] is None
+                                       else 100 * (best - a["accuracy"])})
+            c["esta_at_anchor_budgets"] = per_anchor
         if "esta" in m and "snnet" in m:
             e, s = m["esta"], m["snnet"]
-            c["esta_minus_snnet_mean_points"] = 100 * (e["mean_accuracy"] - s["mean_accuracy"])
+            c["esta_minus_snnet_mean_points"], c["esta_minus_snnet_spread"] = _diff(e, s)
             c["groups_esta_at_least_snnet"] = sum(a >= b for a, b in zip(e["group_accuracy"], s["group_accuracy"]))
             c["groups"] = len(e["group_accuracy"])
             c["train_time_ratio"] = e["train_seconds"] / s["train_seconds"]
@@ -196,43 +273,62 @@ def claims(tasks: dict) -> dict:
             c["train_rss_increase_ratio"] = (e["train_rss_increase_mb"] / s["train_rss_increase_mb"]
                                              if s["train_rss_increase_mb"] else None)
             c["deploy_time_ratio"] = e["deploy_seconds"] / s["deploy_seconds"] if s["deploy_seconds"] else None
-            c["esta_mean_regret_points"] = 100 * e["mean_regret"] if e["mean_regret"] is not None else None
         if "esta" in m and "esta-uniform" in m:
-            c["importance_minus_uniform_points"] = 100 * (m["esta"]["mean_accuracy"] - m["esta-uniform"]["mean_accuracy"])
+            c["importance_minus_uniform_points"], c["importance_minus_uniform_spread"] = _diff(m["esta"],
+                                                                                               m["esta-uniform"])
         if "esta" in m and "esta-shared-bias" in m:
-            c["per_stitch_minus_shared_bias_points"] = 100 * (m["esta"]["mean_accuracy"]
-                                                              - m["esta-shared-bias"]["mean_accuracy"])
+            c["per_stitch_minus_shared_bias_points"], c["per_stitch_minus_shared_bias_spread"] = _diff(
+                m["esta"], m["esta-shared-bias"])
         out[task] = c
     return out
 
 
+def _pct(v: float | None, spread: float | None = None) -> str:
+    if v is None:
+        return "-"
+    return f"{100 * v:.1f}" + (f" ± {100 * spread:.1f}" if spread else "")
+
+
 def markdown(bench: dict) -> str:
-    lines = [f"# esta bench ({len(bench['config']['seeds'])} seed(s), {bench['config']['epochs']:g} epochs, "
-             f"{bench['config']['eval_examples']} evaluation examples per task)", ""]
+    cfg = bench["config"]
+    lines = [f"# esta bench ({len(cfg['seeds'])} seed(s) {cfg['seeds']}, {cfg['steps']} steps at batch "
+             f"{cfg['batch_size']}, {cfg['eval_examples']} evaluation examples per task; ± is the standard deviation "
+             "over seeds)", ""]
     for task, methods in bench["tasks"].items():
         lines += [f"## {task}", "",
-                  "| method | mean acc % (± sd over seeds) | acc % per budget group | train s | trainable params "
-                  "| peak RSS MB (training's share) | deploy s | mean regret (points) | lr |",
+                  "| method | mean acc % | acc % per budget (cheap → costly) | anchors in the run (acc %) | train s "
+                  "| trainable params | peak RSS MB | regret (in budget) points | lr |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for name, r in methods.items():
-            groups = " ".join(f"{100 * a:.1f}" for a in r["group_accuracy"])
-            regret = f"{100 * r['mean_regret']:.2f}" if r["mean_regret"] is not None else "-"
-            lines.append(f"| {name} | {100 * r['mean_accuracy']:.2f} ± {100 * r['mean_accuracy_std']:.2f} | {groups} "
+            groups = " ".join(_pct(d["accuracy"]) for d in r["deployed"])
+            anchors = ", ".join(f"{a['name']} {_pct(a['accuracy'], a['accuracy_std'])}" for a in r["anchors"]
+                                if a["accuracy"] is not None) or "-"
+            regret = (f"{100 * r['mean_regret']:.2f} ({100 * r['mean_regret_in_budget']:.2f})"
+                      if r["mean_regret"] is not None and r["mean_regret_in_budget"] is not None else "-")
+            lines.append(f"| {name} | {_pct(r['mean_accuracy'], r['mean_accuracy_std'])} | {groups} | {anchors} "
                          f"| {r['train_seconds']:.0f} | {r['trainable_params']:,} | {r['peak_rss_mb']:.0f} "
-                         f"({r['train_rss_increase_mb']:.0f}) "
-                         f"| {r['deploy_seconds']:.3g} | {regret} | {r['lr']:g} |")
+                         f"| {regret} | {r['lr']:g} |")
         c = bench["claims"].get(task, {})
+        lines.append("")
         if "esta_minus_snnet_mean_points" in c:
-            lines += ["", f"ESTA − SN-Net: {c['esta_minus_snnet_mean_points']:+.2f} points mean; ESTA ≥ SN-Net in "
-                      f"{c['groups_esta_at_least_snnet']}/{c['groups']} groups; ratios ESTA/SN-Net: train time "
-                      f"{c['train_time_ratio']:.2f}, trainable params {c['trainable_params_ratio']:.3f}, peak RSS "
-                      f"{c['peak_rss_ratio']:.2f} (training's share "
-                      + (f"{c['train_rss_increase_ratio']:.2f}" if c["train_rss_increase_ratio"] else "-")
-                      + "), deploy time "
-                      + (f"{c['deploy_time_ratio']:.2g}" if c["deploy_time_ratio"] is not None else "-")]
+            lines.append(f"- ESTA − SN-Net: {c['esta_minus_snnet_mean_points']:+.2f} ± "
+                         f"{c['esta_minus_snnet_spread']:.2f} points mean; ESTA ≥ SN-Net in "
+                         f"{c['groups_esta_at_least_snnet']}/{c['groups']} budgets; ESTA/SN-Net: training time "
+                         f"{c['train_time_ratio']:.2f}×, trainable params {c['trainable_params_ratio']:.3f}×, "
+                         f"peak RSS {c['peak_rss_ratio']:.2f}×")
+        if "esta_largest_drop_points" in c:
+            lines.append(f"- ESTA's deployed accuracy never falls more than {c['esta_largest_drop_points']:.2f} "
+                         "points below a cheaper deployed network")
+        for row in c.get("esta_at_anchor_budgets", []):
+            if row["esta_minus_reference_points"] is not None:
+                lines.append(f"- at {row['anchor']}'s cost ({row['flops'] / 1e9:.3f} GFLOPs): ESTA's best "
+                             f"{_pct(row['esta_best_within'])} % vs {row['reference']} "
+                             f"{_pct(row['reference_accuracy'])} % ({row['esta_minus_reference_points']:+.2f})")
         if "importance_minus_uniform_points" in c:
-            lines.append(f"importance − uniform sampling: {c['importance_minus_uniform_points']:+.2f} points")
+            lines.append(f"- importance − uniform sampling: {c['importance_minus_uniform_points']:+.2f} ± "
+                         f"{c['importance_minus_uniform_spread']:.2f} points")
         if "per_stitch_minus_shared_bias_points" in c:
-            lines.append(f"stitch-specific − shared bias: {c['per_stitch_minus_shared_bias_points']:+.2f} points")
+            lines.append(f"- stitch-specific − shared bias: {c['per_stitch_minus_shared_bias_points']:+.2f} ± "
+                         f"{c['per_stitch_minus_shared_bias_spread']:.2f} points")
         lines.append("")
     return "\n".join(lines)

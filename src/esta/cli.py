@@ -66,13 +66,16 @@ def _adapt_config(args: argparse.Namespace, **overrides):
     from .pst import PSTConfig
     from .train import TrainConfig
 
+    given = lambda **kw: {k: v for k, v in kw.items() if v is not None}  # noqa: E731 - unset flags: config default
     sampling = SamplingConfig(groups=args.groups, beta=args.beta, tau=args.tau, eps=args.eps,
-                              uniform=args.uniform_sampling)
+                              uniform=args.uniform_sampling,
+                              **given(anchor_share=args.anchor_share, score=args.score))
     from .methods import get_method
 
     lr = args.lr if args.lr is not None else get_method(args.method).lr
     train_cfg = TrainConfig(epochs=args.epochs, steps=args.steps, batch_size=args.batch_size, lr=lr,
-                            seed=args.seed, sampling=sampling, checkpoint_every=args.checkpoint_every)
+                            seed=args.seed, sampling=sampling, checkpoint_every=args.checkpoint_every,
+                            **given(score_init_batch=args.score_init_batch))
     pst = PSTConfig(lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
                     lora_targets=tuple(args.lora_targets.split(",")) if args.lora_targets else (),
                     stitch_lora_rank=args.stitch_lora_rank, bias=args.bias)
@@ -81,7 +84,8 @@ def _adapt_config(args: argparse.Namespace, **overrides):
                pairing=args.pairing, two_way=args.two_way, pst=pst, train=train_cfg,
                budgets=_floats(args.budgets) if args.budgets else None,
                eval_examples=args.eval_examples or None, sweep=not args.no_sweep, resume=args.resume,
-               progress=not args.no_progress)
+               validation_sweep=args.validation_sweep, progress=not args.no_progress,
+               **given(head_init=args.head_init, deploy_by=args.deploy_by))
     cfg.update(overrides)
     return AdaptConfig(**cfg)
 
@@ -89,16 +93,23 @@ def _adapt_config(args: argparse.Namespace, **overrides):
 def _print_summary(results: dict, out: str) -> None:
     s = results["summary"]
     print(f"\n[{results['method']}] {len(results['stitches'])} stitches adapted to {results['task']} in "
-          f"{results['train']['seconds']:.0f} s ({results['train']['trainable_params']:,} trainable of "
-          f"{results['train']['total_params']:,} parameters)")
+          f"{results['train']['seconds']:.0f} s, {results['train']['steps']} steps "
+          f"({results['train']['trainable_params']:,} trainable of {results['train']['total_params']:,} parameters); "
+          f"deployed by {results.get('deploy_by', 'importance')}")
+    anchors = [a for a in results.get("anchors_in_palette", []) if a["accuracy"] is not None]
+    if anchors:
+        print("anchors in the palette: " + ", ".join(f"{a['name']} {100 * a['accuracy']:.2f}% ({a['updates']} steps)"
+                                                     for a in anchors))
     print(f"{'budget GFLOPs':>14} {'stitch':>24} {'GFLOPs':>7} {'acc %':>6} {'best %':>7} {'regret':>7}")
     for d in results["deployed"]:
         best = d["best_accuracy_in_budget"]
         print(f"{d['budget'] / 1e9:14.3f} {d['name']:>24} {d['flops'] / 1e9:7.3f} {100 * d['accuracy']:6.2f} "
-              + (f"{100 * best:7.2f} {100 * d['regret']:7.2f}" if best is not None else f"{'-':>7} {'-':>7}"))
+              + (f"{100 * best:7.2f} {100 * d['regret_in_budget']:7.2f}" if best is not None else f"{'-':>7} {'-':>7}"))
     if s["mean_regret"] is not None:
-        print(f"mean regret {100 * s['mean_regret']:.2f} points; ", end="")
-    print(f"Spearman(budget, accuracy) = {s['spearman_budget_accuracy']:.3f}")
+        print(f"mean regret {100 * s['mean_regret_in_budget']:.2f} points against the best stitch within each budget "
+              f"({100 * s['mean_regret']:.2f} against the stitches the rule chose among); ", end="")
+    print(f"Spearman(budget, accuracy) = {s['spearman_budget_accuracy']:.3f}; largest fall below a cheaper budget's "
+          f"pick {100 * s['largest_drop']:.2f} points")
     print(f"wrote {out}/results.json, {out}/results.csv" + (f", {out}/pareto.png" if
           any(x["accuracy"] is not None for x in results["stitches"]) else "") + f", {out}/deployed/")
 
@@ -145,7 +156,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     epochs = dict(zip(names, _ints(args.epochs))) if args.epochs else None
     for info in pretrain(args.out, names, PretrainConfig(epochs=epochs, seed=args.seed), not args.no_progress):
         print(f"{info['name']}: Fashion-MNIST test accuracy {100 * info['fashion_mnist_test_accuracy']:.2f}% "
-              f"({info['params']:,} parameters, {info['epochs']} epochs, {info['train_seconds']:.0f} s)")
+              f"({info['params']:,} parameters, {info['epochs']} epochs, {info['seconds']:.0f} s)")
     return 0
 
 
@@ -262,8 +273,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             kw[name] = getattr(args, name).split(",") if name != "anchors" else getattr(args, name)
     if args.seeds:
         kw["seeds"] = _ints(args.seeds)
-    if args.epochs is not None:
-        kw["epochs"] = args.epochs
+    if args.steps is not None:
+        kw["steps"] = args.steps
     if args.no_lr_sweep:
         kw["lr_sweep"] = False
     cfg = BenchConfig.quick(**kw) if args.quick else BenchConfig(**kw)
@@ -310,6 +321,18 @@ def _train_args(p: argparse.ArgumentParser, out: str, epochs: float) -> None:
     p.add_argument("--tau", type=float, default=1.0, help="sampling temperature")
     p.add_argument("--eps", type=float, default=0.1, help="uniform floor of the sampling distribution")
     p.add_argument("--uniform-sampling", action="store_true", help="ignore importance when sampling")
+    # default None: the config dataclasses hold the defaults (README "Command line" lists them)
+    p.add_argument("--anchor-share", type=float, default=None, help="fraction of steps that train an anchor (ours)")
+    p.add_argument("--score", choices=["sum", "mean"], default=None,
+                   help="importance: |theta*grad| summed over the path, or per parameter")
+    p.add_argument("--score-init-batch", action=argparse.BooleanOptionalAction, default=None,
+                   help="score every stitch on one batch before training")
+    p.add_argument("--head-init", choices=["probe", "random"], default=None,
+                   help="new task heads start as linear probes of frozen features, or random")
+    p.add_argument("--deploy-by", choices=["importance", "loss", "validation"], default=None,
+                   help="how ESTA and its ablations pick a stitch per budget (the baselines use validation)")
+    p.add_argument("--validation-sweep", action="store_true",
+                   help="also record every stitch's validation accuracy (to compare deployment rules)")
     p.add_argument("--budgets", default="", help="comma-separated GFLOPs budgets to deploy (default: one per group)")
     p.add_argument("--eval-examples", type=int, default=2000,
                    help="stratified test examples for every accuracy (0 = the whole test split)")
@@ -340,7 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", default="", help="comma-separated (default animal-shapes,mnist,digits)")
     p.add_argument("--methods", default="", help="comma-separated (default all five)")
     p.add_argument("--seeds", default="", help="comma-separated (default 0,1; quick: 0)")
-    p.add_argument("--epochs", type=float, default=None, help="epochs per run (default 6; quick: 1)")
+    p.add_argument("--steps", type=int, default=None, help="palette steps per run; anchors-lora: per anchor "
+                   "(default 300; quick: 40)")
     p.add_argument("--no-lr-sweep", action="store_true", help="use each method's default learning rate")
     p.add_argument("--out", default="runs/bench")
     p.add_argument("--no-progress", action="store_true")
@@ -432,7 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", help="pretrain esta's mini DeiT family on Fashion-MNIST")
     p.add_argument("--out", default="runs/pretrained", help="where to write the checkpoints")
     p.add_argument("--models", default="", help="comma-separated subset of mini-deit-ti,mini-deit-s,mini-deit-b")
-    p.add_argument("--epochs", default="", help="comma-separated epochs per model (default 10,7,5)")
+    p.add_argument("--epochs", default="", help="comma-separated epochs per model (default 4 each)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_pretrain)

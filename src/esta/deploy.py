@@ -36,21 +36,32 @@ class Choice:
 
 
 def choose(groups: list[list[int]], costs: list[float], score: dict[int, float] | list[float],
-           budgets: list[float] | None = None) -> list[Choice]:
+           budgets: list[float] | None = None, within: str = "group") -> list[Choice]:
     """For each budget, the candidate with the highest ``score`` (importance for ESTA, accuracy for a sweep).
 
-    No budgets: one choice per budget group, whose budget is its costliest member. A budget ``b``: the candidates
-    are the stitches of the costliest group that has members within ``b``, restricted to cost ``<= b``.
+    No budgets: one choice per budget group, whose budget is its costliest member. ``within="group"`` (the paper's
+    unit, for scores that only compare stitches of similar cost, like importance): the candidates are the budget's
+    group, i.e. for a budget ``b`` the stitches of the costliest group that has members within ``b``, restricted to
+    cost ``<= b``. ``within="budget"`` (for scores that compare any two stitches, like accuracy or loss): every
+    stitch of cost ``<= b``, so a budget never gets a worse pick than a smaller budget.
     """
+    if within not in ("group", "budget"):
+        raise EstaError(f"within must be 'group' or 'budget', got {within!r}")
+
     def best(members: list[int]) -> int:
         return max(members, key=lambda s: (float(score[s]), -costs[s]))  # ties: the cheaper
 
+    everything = sorted((s for g in groups for s in g), key=lambda s: (costs[s], s))
     if budgets is None:
-        return [Choice(max(costs[s] for s in g), best(g), list(g)) for g in groups]
-    check_budgets(budgets, [costs[s] for g in groups for s in g])
+        budgets = [max(costs[s] for s in g) for g in groups]
+    else:
+        check_budgets(budgets, [costs[s] for s in everything])
     out = []
     for b in budgets:
-        members = next(m for g in reversed(groups) if (m := [s for s in g if costs[s] <= b]))
+        if within == "group":
+            members = next(m for g in reversed(groups) if (m := [s for s in g if costs[s] <= b]))
+        else:
+            members = [s for s in everything if costs[s] <= b]
         out.append(Choice(float(b), best(members), members))
     return out
 

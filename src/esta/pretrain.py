@@ -31,7 +31,7 @@ FASHION_MEAN, FASHION_STD = 0.2860, 0.3530
 
 
 #: epochs of the shipped family: the same for every size, so that a larger anchor is never the less trained one
-DEFAULT_EPOCHS = 10
+DEFAULT_EPOCHS = 4
 
 
 @dataclass

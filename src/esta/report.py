@@ -12,7 +12,7 @@ matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 
 STITCH_COLUMNS = ["id", "name", "is_anchor", "front", "end", "flops", "params", "accuracy", "importance",
-                  "updates", "group", "deployed"]
+                  "updates", "train_loss", "validation_accuracy", "group", "deployed"]
 
 
 def write_results(results: dict, out_dir: Path) -> None:
@@ -36,11 +36,22 @@ def pareto_plot(results: dict, path: Path, title: str = "") -> None:
                    color=cmap(k % 10), label=f"stitches {a}\u2192{b}")
     anchors = [s for s in stitches if s["is_anchor"]]
     ax.scatter([s["flops"] / 1e9 for s in anchors], [100 * s["accuracy"] for s in anchors], marker="*", s=220,
-               color="gold", edgecolor="black", zorder=4, label="anchors")
+               color="gold", edgecolor="black", zorder=4, label="anchors (in the palette)")
+    names = {a["stitch_id"]: a["name"] for a in results.get("anchors_in_palette", [])}
+    for s in anchors:
+        ax.annotate(names.get(s["id"], s["name"]), (s["flops"] / 1e9, 100 * s["accuracy"]),
+                    textcoords="offset points", xytext=(7, -12), fontsize=9)
+    for ref in results.get("references", []):  # e.g. the same anchors tuned alone, when the run has them
+        ax.scatter([ref["flops"] / 1e9], [100 * ref["accuracy"]], marker="*", s=160, facecolor="none",
+                   edgecolor="black", zorder=4)
+        ax.annotate(f"{ref['name']} alone", (ref["flops"] / 1e9, 100 * ref["accuracy"]), textcoords="offset points",
+                    xytext=(7, 4), fontsize=8)
     deployed = sorted((d for d in results["deployed"] if d.get("accuracy") is not None), key=lambda d: d["flops"])
     if deployed:
         ax.plot([d["flops"] / 1e9 for d in deployed], [100 * d["accuracy"] for d in deployed], "-o", color="crimson",
                 mfc="none", ms=9, lw=1.2, zorder=5, label="deployed (one per budget)")
+    for s in anchors:
+        ax.axvline(s["flops"] / 1e9, color="black", lw=0.6, ls=":", alpha=0.5)
     ax.set_xlabel("GFLOPs per image")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(title or "accuracy vs cost")
@@ -53,25 +64,39 @@ def pareto_plot(results: dict, path: Path, title: str = "") -> None:
 
 
 def bench_plot(methods: dict, path: Path, title: str = "") -> None:
-    """One task of a bench: each method's deployed stitch per budget (mean over seeds), all methods overlaid."""
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    """One task of a bench: each method's deployed network per budget (mean over seeds, bars: ± one standard
+    deviation), the anchors tuned alone and their linear probes as named markers."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
     styles = {"esta": ("crimson", "-o"), "esta-uniform": ("tab:orange", "--s"), "esta-shared-bias": ("tab:purple", ":^"),
-              "snnet": ("tab:blue", "-D"), "anchors-lora": ("goldenrod", "*")}
+              "snnet": ("tab:blue", "-D"), "snnet-groups": ("tab:cyan", "--D")}
+    singles = {"anchors-lora": ("goldenrod", "*", 220), "linear-probe": ("tab:gray", "P", 90)}
     for name, r in methods.items():
+        pts = [d for d in r["deployed"] if d["accuracy"] is not None]
+        if name in singles:  # anchors only: one marker per anchor, named
+            colour, marker, size = singles[name]
+            anchors = [a for a in r["anchors"] if a["accuracy"] is not None]
+            ax.errorbar([a["flops"] / 1e9 for a in anchors], [100 * a["accuracy"] for a in anchors],
+                        yerr=[100 * (a["accuracy_std"] or 0) for a in anchors], fmt="none", ecolor=colour, capsize=3)
+            ax.scatter([a["flops"] / 1e9 for a in anchors], [100 * a["accuracy"] for a in anchors], marker=marker,
+                       s=size, color=colour, edgecolor="black", zorder=4, label=f"{name} (each anchor alone)")
+            for a in anchors:
+                ax.annotate(a["name"], (a["flops"] / 1e9, 100 * a["accuracy"]), textcoords="offset points",
+                            xytext=(6, -10 if name == "linear-probe" else 6), fontsize=8, color=colour)
+            continue
         colour, style = styles.get(name, ("grey", "-x"))
-        xs = [f / 1e9 for f in r["group_flops"]]
-        ys = [100 * a for a in r["group_accuracy"]]
-        if name == "anchors-lora":  # the stars: each anchor fine-tuned alone, only at the cost of an anchor
-            pts = sorted(set(zip(xs, ys)))
-            ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker="*", s=220, color=colour,
-                       edgecolor="black", zorder=4, label=name)
-        else:
-            ax.plot(xs, ys, style, color=colour, ms=5, lw=1.2, label=f"{name} ({100 * r['mean_accuracy']:.1f}%)")
-    ax.set_xlabel("GFLOPs per image (deployed stitch)")
+        ax.errorbar([d["flops"] / 1e9 for d in pts], [100 * d["accuracy"] for d in pts],
+                    yerr=[100 * (d["accuracy_std"] or 0) for d in pts], fmt=style, color=colour, ms=5, lw=1.2,
+                    capsize=2, label=f"{name} ({100 * r['mean_accuracy']:.1f}% mean)")
+    marks = next((r["anchors"] for r in methods.values() if r.get("anchors")), [])
+    for a in marks:  # the anchors' costs, named, so every curve can be read against Ti / S / B
+        ax.axvline(a["flops"] / 1e9, color="black", lw=0.6, ls=":", alpha=0.6)
+        ax.annotate(a["name"], (a["flops"] / 1e9, 1.0), xycoords=("data", "axes fraction"), xytext=(3, -12),
+                    textcoords="offset points", fontsize=9, fontweight="bold")
+    ax.set_xlabel("GFLOPs per image (deployed network)")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title(title)
+    ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
+    ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -13,7 +14,8 @@ from .base import Anchor
 from .causal_lm import LM_MODELS, CausalLMAnchor, check_tokenizers, convert_gguf, load_causal_lm_anchor
 from .vision import PREFIX_TOKENS, VISION_MODELS, VisionAnchor, load_vision_anchor
 
-__all__ = ["Anchor", "VisionAnchor", "CausalLMAnchor", "load_anchor", "load_family", "family_kind", "MINI_FAMILY", "mini_family_paths"]
+__all__ = ["Anchor", "VisionAnchor", "CausalLMAnchor", "load_anchor", "load_family", "family_kind", "MINI_FAMILY",
+           "mini_family_paths", "anchor_names"]
 
 #: esta's own pretrained mini DeiT family (Fashion-MNIST), shipped inside the package.
 MINI_FAMILY = "esta-mini"
@@ -23,6 +25,23 @@ _MINI_NAMES = ("mini-deit-ti", "mini-deit-s", "mini-deit-b")
 def mini_family_paths() -> list[str]:
     root = Path(__file__).resolve().parent.parent / "pretrained"
     return [str(root / n) for n in _MINI_NAMES]
+
+
+_SIZE_WORDS = {"ti": "Ti", "tiny": "Ti", "s": "S", "small": "S", "b": "B", "base": "B", "l": "L", "large": "L",
+               "h": "H", "huge": "H"}
+
+
+def anchor_names(sources: list[str]) -> list[str]:
+    """Short names for plots and tables: DeiT/ViT size words (``mini-deit-ti`` -> ``Ti``, ``deit-small-patch16``
+    -> ``S``) when every anchor has a distinct one, else the folder or hub names."""
+    bases = [Path(s.rstrip("/")).name or s for s in sources]
+    sizes = []
+    for b in bases:
+        words = [w for w in re.split(r"[-_.]", b.lower()) if w in _SIZE_WORDS]
+        sizes.append(_SIZE_WORDS[words[-1]] if words else None)
+    if None not in sizes and len(set(sizes)) == len(sizes):
+        return sizes
+    return bases
 
 
 def _config(source: str) -> tuple[object, bool]:
