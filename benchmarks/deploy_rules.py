@@ -10,7 +10,9 @@ same score divided by the path's trainable parameter count), ``loss`` (lowest tr
 budget), ``validation`` (SN-Net's sweep on held-out examples), and ``oracle`` (the test accuracy itself: regret 0 by
 definition, the ceiling).
 
-Run: ``python benchmarks/deploy_rules.py runs/a runs/b ...``
+Run: ``python benchmarks/deploy_rules.py runs/a runs/b ...``. ``--truth validation`` judges every rule by the
+validation accuracies instead of the test sweep (for choosing a default without looking at test data; the
+``validation`` rule is then the oracle).
 """
 
 from __future__ import annotations
@@ -24,14 +26,16 @@ from esta.deploy import choose
 from esta.importance import budget_groups
 
 
-def replay(results: dict) -> dict[str, dict[str, float]]:
+def replay(results: dict, truth: str = "test") -> dict[str, dict[str, float]]:
     stitches = results["stitches"]
     costs = [float(s["flops"]) for s in stitches]
     trained = [s["id"] for s in stitches if s["group"] is not None]
-    groups = [m for g in budget_groups(costs, results["config"]["train"]["sampling"]["groups"])
+    sampling = results["config"]["train"]["sampling"]
+    groups = [m for g in budget_groups(costs, sampling["groups"], sampling.get("spacing", "linear"))
               if (m := [s for s in g if s in set(trained)])]
     budgets = sorted({d["budget"] for d in results["deployed"]})
-    test = {s["id"]: s["accuracy"] for s in stitches if s["accuracy"] is not None}
+    key = "accuracy" if truth == "test" else "validation_accuracy"
+    test = {s["id"]: s[key] for s in stitches if s.get(key) is not None}
     n_params = {s["id"]: s.get("params") or 1 for s in stitches}
     rules = {
         "importance": ([s["importance"] for s in stitches], "group"),
@@ -58,13 +62,15 @@ def replay(results: dict) -> dict[str, dict[str, float]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("runs", nargs="+", help="run folders made with --validation-sweep")
+    ap.add_argument("--truth", choices=["test", "validation"], default="test",
+                    help="what judges the picks: the test sweep, or the validation accuracies")
     args = ap.parse_args()
     table: dict[str, list[dict]] = {}
     for run in args.runs:
         results = json.loads((Path(run) / "results.json").read_text())
         if not any(s.get("validation_accuracy") is not None for s in results["stitches"]):
             raise SystemExit(f"{run}: no validation accuracies; run it with --validation-sweep")
-        for rule, row in replay(results).items():
+        for rule, row in replay(results, args.truth).items():
             table.setdefault(rule, []).append(row)
         print(f"{run}: {results['task']}, {results['train']['steps']} steps, seed {results['config']['train']['seed']}")
     print(f"\n{'rule':22s} {'mean acc %':>11s} {'regret (points)':>16s} {'largest drop':>13s}   over {len(args.runs)} run(s)")

@@ -116,13 +116,16 @@ def test_every_stitch_gets_at_least_its_floor_whatever_the_scores():
 def test_snnet_sampler_draws_uniformly_over_all_stitches():
     # SN-Net's training loop: np.random.randint(num_configs), no budget groups
     groups = [[0, 1, 2, 3, 4, 5], [6], [7, 8]]
-    sampler = ImportanceSampler(groups, 9, SamplingConfig(uniform=True, by_group=False), seed=0, anchors=[0, 6, 8])
+    from esta.methods import get_method
+
+    snnet = get_method("snnet").sampling(SamplingConfig())  # esta's defaults, as the snnet method turns them
+    sampler = ImportanceSampler(groups, 9, snnet, seed=0, anchors=[0, 6, 8])
     torch.testing.assert_close(sampler.distribution(), torch.full((9,), 1 / 9, dtype=torch.float64))
     n = 27000
     counts = torch.bincount(torch.tensor([sampler.sample() for _ in range(n)]), minlength=9).double() / n
     torch.testing.assert_close(counts, torch.full((9,), 1 / 9, dtype=torch.float64), atol=0.01, rtol=0)
     # the group-then-stitch variant (SN-Netv2) gives the lone stitch 6 a third of the steps instead
-    grouped = ImportanceSampler(groups, 9, SamplingConfig(uniform=True), seed=0)
+    grouped = ImportanceSampler(groups, 9, get_method("snnet-groups").sampling(SamplingConfig()), seed=0)
     assert float(grouped.distribution()[6]) == pytest.approx(1 / 3)
 
 
@@ -161,3 +164,17 @@ def test_largest_drop_reads_the_curve_from_cheap_to_costly():
 
     assert largest_drop([0.5, 0.6, 0.7]) == 0
     assert largest_drop([0.5, 0.8, 0.7, 0.75, 0.9]) == pytest.approx(0.1)
+
+
+def test_log_spaced_groups_span_equal_cost_ratios():
+    # a DeiT-like palette: a cheap pair (1 -> 4) and a costly pair (4 -> 16), 5 stitches each side
+    costs = [1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 6.0, 8.0, 10.0, 12.0, 16.0]
+    linear = budget_groups(costs, 4)
+    log = budget_groups(costs, 4, spacing="log")
+    assert linear[0] == [0, 1, 2, 3, 4, 5]  # equal FLOPs widths: the whole cheap pair in one group of four
+    assert [len(g) for g in log] == [2, 3, 2, 4]  # equal ratios: the cheap pair spreads over three groups
+    assert sorted(s for g in log for s in g) == list(range(len(costs)))
+    with pytest.raises(EstaError, match="positive"):
+        budget_groups([0.0, 1.0], 2, spacing="log")
+    with pytest.raises(EstaError, match="spacing"):
+        budget_groups(costs, 2, spacing="sqrt")

@@ -89,3 +89,23 @@ def test_snnet_samples_over_all_stitches_and_esta_keeps_its_groups():
     esta = get_method("esta").sampling(base)
     assert esta.by_group and not esta.uniform and esta.anchor_share == 0.2
     assert get_method("esta-uniform").sampling(base).anchor_share == 0.2  # the ablation changes one thing only
+
+
+def test_the_palette_is_reported_beside_its_anchors_tuned_alone_and_probed(tmp_path, vit_family):
+    from esta.adapt import compare_alone
+
+    data = image_folder(tmp_path / "data", per_class=12)
+    cfg = AdaptConfig(anchors=vit_family, data=str(data), out_dir=str(tmp_path / "esta"),
+                      train=TrainConfig(steps=4, batch_size=8, sampling=SamplingConfig(groups=3)),
+                      validation_examples=6, progress=False)
+    r = adapt(cfg)
+    probes = [x for x in r["references"] if x["method"] == "linear-probe"]
+    assert [x["name"] for x in probes] == ["a0", "a1", "a2"] and all(0 <= x["accuracy"] <= 1 for x in probes)
+    refs = compare_alone(r, cfg, ["anchors-lora"])
+    alone = [x for x in refs if x["method"] == "anchors-lora"]
+    assert [x["name"] for x in alone] == ["a0", "a1", "a2"] and sum(x["steps"] for x in alone) == 3 * 4
+    assert (tmp_path / "esta" / "references" / "anchors-lora" / "results.json").is_file()
+    on_disk = __import__("json").loads((tmp_path / "esta" / "results.json").read_text())
+    assert on_disk["references"] == refs
+    with pytest.raises(EstaError, match="alone"):
+        compare_alone(r, cfg, ["snnet"])

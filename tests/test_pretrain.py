@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import torch
 
 from esta.pretrain import _load_resume, _save_resume, mini_config
@@ -32,3 +34,18 @@ def test_pretraining_resumes_exactly_from_the_last_epoch(tmp_path):
     for (n, p), q in zip(a[0].state_dict().items(), b[0].state_dict().values()):
         torch.testing.assert_close(p, q, msg=n)
     assert _load_resume(tmp_path / "absent", *parts()) == (0, 0.0)
+
+
+def test_the_shipped_family_records_its_pretraining_and_bigger_is_better():
+    import json
+
+    from esta.families import mini_family_paths
+
+    infos = [json.loads((Path(p) / "pretraining.json").read_text()) for p in mini_family_paths()]
+    acc = [i["fashion_mnist_test_accuracy"] for i in infos]
+    assert all(0 < a < 1 for a in acc) and all(i["seconds"] > 0 for i in infos)
+    # Ti < S < B (the goal of a point or more between neighbours is met for Ti/S, not yet for S/B: README)
+    assert acc[0] < acc[1] < acc[2], acc
+    assert infos[0]["epochs"] <= infos[1]["epochs"] <= infos[2]["epochs"]  # never the larger one less trained
+    size = sum(f.stat().st_size for p in mini_family_paths() for f in Path(p).iterdir())
+    assert size <= 30 * 2**20

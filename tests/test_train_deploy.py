@@ -40,7 +40,7 @@ def test_tiny_checkpoints_load_as_anchors_and_train(family, request):
     probe = [s.id for s in palette.space.stitches if s.is_anchor]
     loss0 = sum(torch.nn.functional.cross_entropy(palette(data.images, s), data.labels).item() for s in probe)
     cfg = TrainConfig(steps=60, batch_size=16, lr=1e-2, warmup_steps=5, checkpoint_every=0,
-                      sampling=SamplingConfig(groups=3))
+                      sampling=SamplingConfig(groups=3), score_init_batch=True)
     result = train(palette, data, flops, cfg, progress=False)
     palette.eval()
     loss1 = sum(torch.nn.functional.cross_entropy(palette(data.images, s), data.labels).item() for s in probe)
@@ -82,7 +82,7 @@ def test_deployed_parameter_count_matches_cost(vit_family, tmp_path):
 def test_a_crash_loses_only_the_steps_since_the_last_checkpoint(vit_family, tmp_path):
     data = toy_task()
     cfg = TrainConfig(steps=8, batch_size=16, lr=1e-2, warmup_steps=2, checkpoint_every=4,
-                      sampling=SamplingConfig(groups=3))
+                      sampling=SamplingConfig(groups=3), score_init_batch=True)
     straight, flops = build(vit_family, data)
     r1 = train(straight, data, flops, cfg, out_dir=tmp_path / "a", progress=False)
 
@@ -116,3 +116,19 @@ def test_choose_uses_importance(vit_family):
     imp = [0.0] * len(palette)
     imp[3] = 1.0
     assert choose(groups, flops, imp)[0].stitch_id == 3
+
+
+def test_a_non_finite_loss_stops_training_with_one_clear_error(tmp_path, vit_family):
+    from esta.errors import EstaError
+    from esta.families import load_family
+    from esta.palette import Palette
+    from esta.pst import PSTConfig
+    from esta.train import TrainConfig, train
+
+    data = toy_task(n=32)
+    palette = Palette(load_family(vit_family, num_labels=3))
+    palette.init_stitching(data.images[:8])
+    palette.apply_pst(PSTConfig())
+    with pytest.raises(EstaError, match=r"non-finite .* at step 1, stitch .*learning rate"):
+        train(palette, data, [1.0] * len(palette), TrainConfig(steps=3, batch_size=8, lr=float("inf")),
+              loss_fn=lambda model, batch, s: model(batch[0], stitch=s).sum() * float("nan"), progress=False)

@@ -24,7 +24,7 @@ from .deploy import Choice, DeployedStitch, check_budgets, choose
 from .errors import EstaError
 from .evaluate import accuracy, spearman, sweep
 from .families import MINI_FAMILY, anchor_names, load_family
-from .importance import budget_groups
+from .importance import SamplingConfig, budget_groups
 from .methods import get_method
 from .palette import Palette
 from .pst import PSTConfig
@@ -57,7 +57,8 @@ class AdaptConfig:
     #: training set) or "random" (trunc-normal, as ViT); the same for every method, so they stay comparable
     head_init: str = "probe"
     #: how ESTA and its ablations pick one stitch per budget (see ``select``); the baselines always use validation
-    deploy_by: str = "importance"
+    #: "loss" (ours): the lowest moving-average training loss within the budget; "importance" is the paper's rule
+    deploy_by: str = "loss"
     validation_sweep: bool = False  # also record every stitch's validation accuracy (to study deployment rules)
     probe_examples: int = 5000  # training examples the probes are fitted on (a stratified subset beyond that)
     sweep: bool = True  # evaluate every stitch (the honest check of the choice; SN-Net's way to choose)
@@ -112,6 +113,11 @@ def adapt(config: AdaptConfig) -> dict:
         check_budgets([b * 1e9 for b in config.budgets], flops, unit=1e9, name=" GFLOPs")
     # the heads start as linear probes only now, after every check that can refuse the run (they log a line each)
     probes = probe_heads(anchors, task, config.probe_examples, seed) if head_init == "probe" else []
+    if probes and config.sweep:  # each probe alone on the evaluation set: the cheapest thing a user would try
+        for a, p in zip(anchors, probes):
+            was_training = a.training
+            p["accuracy"] = accuracy(a.eval(), eval_set)
+            a.train(was_training)
     palette.apply_pst(method.pst(config.pst))
     # logged only now, after every check that can refuse the run, so a refusal is the only thing printed
     log.info("task %s: %d classes, %d training examples, %d test examples (evaluating on %d, %d held out for "
@@ -140,13 +146,13 @@ def adapt(config: AdaptConfig) -> dict:
         result = train(palette, task.train, flops, train_cfg, out_dir=out, resume=config.resume,
                        progress=config.progress, stitches=trained)
     else:
-        result = untrained_result(palette, flops, train_cfg.sampling.groups, trained)
+        result = untrained_result(palette, flops, train_cfg.sampling.groups, trained, train_cfg.sampling.spacing)
 
     # 4. deployment: ESTA reads the importance scores; SN-Net sweeps the candidates on held-out data
     t0 = time.perf_counter()
     palette.eval()
     budgets = [b * 1e9 for b in config.budgets] if config.budgets else None
-    choices, val_sweep = select(deploy_by, palette, result, flops, budgets, val_set, config.train.sampling.groups,
+    choices, val_sweep = select(deploy_by, palette, result, flops, budgets, val_set, config.train.sampling,
                                 config.progress)
     select_seconds = time.perf_counter() - t0
     deployed_dirs = export_choices(palette, choices, flops, [c.params for c in costs], result.importance,
@@ -176,10 +182,37 @@ def adapt(config: AdaptConfig) -> dict:
     results["head_init"] = {"mode": head_init, "probes": probes}
     results["timing"] = {"train_seconds": result.seconds, "select_seconds": select_seconds,
                          "deploy_seconds": deploy_seconds, "sweep_seconds": sweep_seconds}
+    names = anchor_names([a.source for a in palette.anchors])
+    results["references"] = [{"method": "linear-probe", "name": n, "flops": costs[s].flops, "accuracy": p["accuracy"],
+                              "steps": 0} for n, s, p in zip(names, palette.space.anchor_ids(), probes)
+                             if p.get("accuracy") is not None] if method.train else []
     write_results(results, out)
     if config.sweep:
-        pareto_plot(results, out / "pareto.png", title=f"ESTA on {task.name}: {len(palette)} stitches")
+        pareto_plot(results, out / "pareto.png", title=f"{method.name} on {task.name}: {len(palette)} stitches")
     return results
+
+
+def compare_alone(results: dict, config: AdaptConfig, methods: list[str]) -> list[dict]:
+    """Run reference ``methods`` (e.g. ``anchors-lora``: each anchor tuned alone for as many steps as the palette
+    got) on the same data, seed and schedule, into ``OUT/references/<method>``; add their anchors' accuracies to
+    ``results["references"]`` and redraw the run's plot, so the palette is always read beside what a user would
+    get without it."""
+    out = Path(config.out_dir)
+    for name in methods:
+        m = get_method(name)
+        if not m.anchors_only:
+            raise EstaError(f"--compare takes methods that tune anchors alone (anchors-lora, linear-probe), "
+                            f"not {name!r}")
+        ref = adapt(replace(config, method=name, out_dir=str(out / "references" / name), budgets=None,
+                            validation_sweep=False, resume=False))
+        results["references"] = [r for r in results.get("references", []) if r["method"] != name] + [
+            {"method": name, "name": a["name"], "flops": a["flops"], "accuracy": a["accuracy"],
+             "steps": a["updates"]} for a in ref["anchors_in_palette"] if a["accuracy"] is not None]
+    write_results(results, out)
+    if config.sweep:
+        pareto_plot(results, out / "pareto.png",
+                    title=f"{results['method']} on {results['task']}: {len(results['stitches'])} stitches")
+    return results["references"]
 
 
 def probe_heads(anchors, task, max_examples: int, seed: int) -> list[dict]:
@@ -208,15 +241,15 @@ def held_out_sets(test, validation_examples: int, eval_examples: int | None, see
 DEPLOY_RULES = ("importance", "loss", "validation")
 
 
-def default_budgets(palette: Palette, costs: list[float], groups: int) -> list[float]:
+def default_budgets(palette: Palette, costs: list[float], sampling: SamplingConfig) -> list[float]:
     """One budget per budget group (its costliest stitch) and one at each anchor's own cost: a user who would have
     deployed an anchor gets a network of exactly that cost to compare with."""
-    tops = {max(costs[s] for s in g) for g in budget_groups(costs, groups)}
+    tops = {max(costs[s] for s in g) for g in budget_groups(costs, sampling.groups, sampling.spacing)}
     return sorted(tops | {costs[s] for s in palette.space.anchor_ids()})
 
 
 def select(deploy_by: str, palette: Palette, result: TrainResult, flops: list[float], budgets: list[float] | None,
-           val_set, groups: int, progress: bool = True) -> tuple[list[Choice], dict[int, float]]:
+           val_set, sampling: SamplingConfig, progress: bool = True) -> tuple[list[Choice], dict[int, float]]:
     """One stitch per budget (default: one budget per group of the whole palette, so every method answers the same
     budgets), and the validation accuracies it looked at (empty unless it deploys by validation).
 
@@ -228,7 +261,7 @@ def select(deploy_by: str, palette: Palette, result: TrainResult, flops: list[fl
     if deploy_by not in DEPLOY_RULES:
         raise EstaError(f"unknown deployment rule {deploy_by!r}; choose from {', '.join(DEPLOY_RULES)}")
     if budgets is None:
-        budgets = default_budgets(palette, flops, groups)
+        budgets = default_budgets(palette, flops, sampling)
     if deploy_by == "importance":
         return choose(result.groups, flops, result.importance, budgets), {}
     if deploy_by == "loss":
@@ -357,9 +390,10 @@ def redeploy(run_dir: str | Path, budgets: list[float] | None, out_dir: str | Pa
     result = TrainResult(steps=0, seconds=0.0, trainable_params=0, total_params=0, peak_rss_mb=0.0,
                          train_rss_increase_mb=0.0, final_loss=float("nan"), importance=info["importance"],
                          updates=info["updates"], train_loss=info.get("train_loss", []),
-                         groups=candidate_groups(flops, sampling["groups"], trained or list(range(len(flops)))))
+                         groups=candidate_groups(flops, sampling["groups"], trained or list(range(len(flops))),
+                                                 sampling.get("spacing", "linear")))
     choices, _ = select(deploy_by, palette, result, flops, [b * 1e9 for b in budgets] if budgets else None, [],
-                        sampling["groups"], progress=False)
+                        SamplingConfig(**sampling), progress=False)
     paths = export_choices(palette, choices, flops, info["params"], info["importance"], info["task"],
                            info["classes"], Path(out_dir) if out_dir else Path(run_dir) / "deployed")
     return [{"budget": c.budget, "stitch_id": c.stitch_id, "name": palette.space[c.stitch_id].name,

@@ -69,7 +69,8 @@ def _adapt_config(args: argparse.Namespace, **overrides):
     given = lambda **kw: {k: v for k, v in kw.items() if v is not None}  # noqa: E731 - unset flags: config default
     sampling = SamplingConfig(groups=args.groups, beta=args.beta, tau=args.tau, eps=args.eps,
                               uniform=args.uniform_sampling,
-                              **given(anchor_share=args.anchor_share, score=args.score))
+                              **given(anchor_share=args.anchor_share, score=args.score,
+                                      spacing=args.group_spacing))
     from .methods import get_method
 
     lr = args.lr if args.lr is not None else get_method(args.method).lr
@@ -97,9 +98,11 @@ def _print_summary(results: dict, out: str) -> None:
           f"({results['train']['trainable_params']:,} trainable of {results['train']['total_params']:,} parameters); "
           f"deployed by {results.get('deploy_by', 'importance')}")
     anchors = [a for a in results.get("anchors_in_palette", []) if a["accuracy"] is not None]
-    if anchors:
-        print("anchors in the palette: " + ", ".join(f"{a['name']} {100 * a['accuracy']:.2f}% ({a['updates']} steps)"
-                                                     for a in anchors))
+    refs = results.get("references", [])
+    for a in anchors:  # each anchor in the palette beside the same anchor tuned alone / probed
+        others = "".join(f", {r['method']} {100 * r['accuracy']:.2f}% ({r['steps']} steps)" for r in refs
+                         if r["name"] == a["name"])
+        print(f"anchor {a['name']}: in the palette {100 * a['accuracy']:.2f}% ({a['updates']} steps){others}")
     print(f"{'budget GFLOPs':>14} {'stitch':>24} {'GFLOPs':>7} {'acc %':>6} {'best %':>7} {'regret':>7}")
     for d in results["deployed"]:
         best = d["best_accuracy_in_budget"]
@@ -115,9 +118,13 @@ def _print_summary(results: dict, out: str) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .adapt import adapt
+    from .adapt import adapt, compare_alone
 
-    results = adapt(_adapt_config(args))
+    config = _adapt_config(args)
+    results = adapt(config)
+    compare = [m for m in args.compare.split(",") if m.strip()]
+    if compare and results["method"] not in compare:
+        compare_alone(results, config, compare)
     _print_summary(results, args.out)
     return 0
 
@@ -293,7 +300,7 @@ def _space_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--two-way", action="store_true", help="also stitch large -> small (SN-Netv2)")
 
 
-def _train_args(p: argparse.ArgumentParser, out: str, epochs: float) -> None:
+def _train_args(p: argparse.ArgumentParser, out: str, epochs: float, compare: str = "") -> None:
     p.add_argument("--anchors", nargs="+", default=["esta-mini"],
                    help="hub ids or local folders of the family (default: esta-mini, the shipped mini DeiT family)")
     p.add_argument("--data", default="animal-shapes",
@@ -323,6 +330,8 @@ def _train_args(p: argparse.ArgumentParser, out: str, epochs: float) -> None:
     p.add_argument("--uniform-sampling", action="store_true", help="ignore importance when sampling")
     # default None: the config dataclasses hold the defaults (README "Command line" lists them)
     p.add_argument("--anchor-share", type=float, default=None, help="fraction of steps that train an anchor (ours)")
+    p.add_argument("--group-spacing", choices=["linear", "log"], default=None,
+                   help="budget groups: equal-width intervals of FLOPs, or of log FLOPs (equal cost ratios)")
     p.add_argument("--score", choices=["sum", "mean"], default=None,
                    help="importance: |theta*grad| summed over the path, or per parameter")
     p.add_argument("--score-init-batch", action=argparse.BooleanOptionalAction, default=None,
@@ -333,6 +342,9 @@ def _train_args(p: argparse.ArgumentParser, out: str, epochs: float) -> None:
                    help="how ESTA and its ablations pick a stitch per budget (the baselines use validation)")
     p.add_argument("--validation-sweep", action="store_true",
                    help="also record every stitch's validation accuracy (to compare deployment rules)")
+    p.add_argument("--compare", default=compare,
+                   help="also run these reference methods with the same data, seed and steps, and show their anchors "
+                   f"beside the palette's (anchors-lora, linear-probe; default {compare or 'none'}; '' for none)")
     p.add_argument("--budgets", default="", help="comma-separated GFLOPs budgets to deploy (default: one per group)")
     p.add_argument("--eval-examples", type=int, default=2000,
                    help="stratified test examples for every accuracy (0 = the whole test split)")
@@ -350,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="adapt the shipped mini DeiT family to animal-shapes, deploy per budget, report")
-    _train_args(p, "runs/demo", DEMO_EPOCHS)
+    _train_args(p, "runs/demo", DEMO_EPOCHS, compare="anchors-lora")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("train", help="adapt a family to a task with ESTA, deploy per budget, report")

@@ -41,11 +41,17 @@ def pareto_plot(results: dict, path: Path, title: str = "") -> None:
     for s in anchors:
         ax.annotate(names.get(s["id"], s["name"]), (s["flops"] / 1e9, 100 * s["accuracy"]),
                     textcoords="offset points", xytext=(7, -12), fontsize=9)
-    for ref in results.get("references", []):  # e.g. the same anchors tuned alone, when the run has them
-        ax.scatter([ref["flops"] / 1e9], [100 * ref["accuracy"]], marker="*", s=160, facecolor="none",
-                   edgecolor="black", zorder=4)
-        ax.annotate(f"{ref['name']} alone", (ref["flops"] / 1e9, 100 * ref["accuracy"]), textcoords="offset points",
-                    xytext=(7, 4), fontsize=8)
+    marks = {"anchors-lora": ("*", 170, "alone (LoRA)"), "linear-probe": ("P", 70, "probe")}
+    labelled = set()
+    for ref in results.get("references", []):  # the same anchors tuned alone / probed, when the run has them
+        marker, size, word = marks.get(ref["method"], ("X", 70, ref["method"]))
+        ax.scatter([ref["flops"] / 1e9], [100 * ref["accuracy"]], marker=marker, s=size, facecolor="none",
+                   edgecolor="black", zorder=4,
+                   label=None if ref["method"] in labelled else f"anchors {word} ({ref['steps']} steps)")
+        labelled.add(ref["method"])
+        ax.annotate(f"{ref['name']} {word}", (ref["flops"] / 1e9, 100 * ref["accuracy"]),
+                    textcoords="offset points", xytext=(7, 4 if ref["method"] == "anchors-lora" else -4),
+                    fontsize=7)
     deployed = sorted((d for d in results["deployed"] if d.get("accuracy") is not None), key=lambda d: d["flops"])
     if deployed:
         ax.plot([d["flops"] / 1e9 for d in deployed], [100 * d["accuracy"] for d in deployed], "-o", color="crimson",
