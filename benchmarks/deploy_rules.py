@@ -23,6 +23,7 @@ import statistics
 from pathlib import Path
 
 from esta.deploy import choose
+from esta.evaluate import largest_drop
 from esta.importance import budget_groups
 
 
@@ -51,11 +52,8 @@ def replay(results: dict, truth: str = "test") -> dict[str, dict[str, float]]:
         picks = choose(groups, costs, score, budgets, within=within)
         accs = [test[c.stitch_id] for c in picks]
         regret = [max(a for s, a in test.items() if costs[s] <= c.budget) - test[c.stitch_id] for c in picks]
-        drop, best = 0.0, float("-inf")
-        for a in accs:
-            drop, best = max(drop, best - a), max(best, a)
         out[name] = {"mean_accuracy": statistics.fmean(accs), "mean_regret": statistics.fmean(regret),
-                     "largest_drop": drop}
+                     "largest_drop": largest_drop(accs)}
     return out
 
 

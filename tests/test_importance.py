@@ -160,7 +160,7 @@ def test_choice_within_the_budget_never_gets_worse_with_a_larger_budget():
 
 
 def test_largest_drop_reads_the_curve_from_cheap_to_costly():
-    from esta.adapt import largest_drop
+    from esta.evaluate import largest_drop
 
     assert largest_drop([0.5, 0.6, 0.7]) == 0
     assert largest_drop([0.5, 0.8, 0.7, 0.75, 0.9]) == pytest.approx(0.1)

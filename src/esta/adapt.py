@@ -22,7 +22,7 @@ from .cost import count_costs
 from .data import TensorImageDataset, load_image_task, stratified_split
 from .deploy import Choice, DeployedStitch, check_budgets, choose
 from .errors import EstaError
-from .evaluate import accuracy, spearman, sweep
+from .evaluate import accuracy, largest_drop, spearman, sweep
 from .families import MINI_FAMILY, anchor_names, load_family
 from .importance import SamplingConfig, budget_groups
 from .methods import get_method
@@ -186,10 +186,16 @@ def adapt(config: AdaptConfig) -> dict:
     results["references"] = [{"method": "linear-probe", "name": n, "flops": costs[s].flops, "accuracy": p["accuracy"],
                               "steps": 0} for n, s, p in zip(names, palette.space.anchor_ids(), probes)
                              if p.get("accuracy") is not None] if method.train else []
-    write_results(results, out)
-    if config.sweep:
-        pareto_plot(results, out / "pareto.png", title=f"{method.name} on {task.name}: {len(palette)} stitches")
+    write_report(results, out, plot=config.sweep)
     return results
+
+
+def write_report(results: dict, out: Path, plot: bool) -> None:
+    """results.json / results.csv, and the Pareto plot when every stitch was evaluated."""
+    write_results(results, out)
+    if plot:
+        pareto_plot(results, out / "pareto.png",
+                    title=f"{results['method']} on {results['task']}: {len(results['stitches'])} stitches")
 
 
 def compare_alone(results: dict, config: AdaptConfig, methods: list[str]) -> list[dict]:
@@ -208,10 +214,7 @@ def compare_alone(results: dict, config: AdaptConfig, methods: list[str]) -> lis
         results["references"] = [r for r in results.get("references", []) if r["method"] != name] + [
             {"method": name, "name": a["name"], "flops": a["flops"], "accuracy": a["accuracy"],
              "steps": a["updates"]} for a in ref["anchors_in_palette"] if a["accuracy"] is not None]
-    write_results(results, out)
-    if config.sweep:
-        pareto_plot(results, out / "pareto.png",
-                    title=f"{results['method']} on {results['task']}: {len(results['stitches'])} stitches")
+    write_report(results, out, plot=config.sweep)
     return results["references"]
 
 
@@ -339,16 +342,6 @@ def _results(config: AdaptConfig, task, palette: Palette, costs, result: TrainRe
     }
 
 
-def largest_drop(accuracies: list[float]) -> float:
-    """How far the deployed accuracy, read from the cheapest budget up, ever falls below a cheaper one (0 when it
-    never falls): the "rises with budget" check."""
-    drop, best = 0.0, -math.inf
-    for a in accuracies:
-        drop = max(drop, best - a)
-        best = max(best, a)
-    return drop
-
-
 def load_run(run_dir: str | Path) -> tuple[Palette, dict]:
     """The trained palette of a finished (or checkpointed) run, and its run.json."""
     run_dir = Path(run_dir)
@@ -383,17 +376,18 @@ def redeploy(run_dir: str | Path, budgets: list[float] | None, out_dir: str | Pa
     if deploy_by == "loss" and "train_loss" not in info:
         raise EstaError(f"{run_dir}'s checkpoint has no training-loss averages to deploy by")
     flops = [float(f) for f in info["flops"]]
-    sampling = info["config"]["train"]["sampling"]
+    # runs written before log spacing existed grouped linearly: the same groups and default budgets as then
+    sampling = SamplingConfig(**{"spacing": "linear", **info["config"]["train"]["sampling"]})
     if budgets:
         check_budgets([b * 1e9 for b in budgets], flops, unit=1e9, name=" GFLOPs")
     trained = palette.space.anchor_ids() if method.anchors_only else None
     result = TrainResult(steps=0, seconds=0.0, trainable_params=0, total_params=0, peak_rss_mb=0.0,
                          train_rss_increase_mb=0.0, final_loss=float("nan"), importance=info["importance"],
                          updates=info["updates"], train_loss=info.get("train_loss", []),
-                         groups=candidate_groups(flops, sampling["groups"], trained or list(range(len(flops))),
-                                                 sampling.get("spacing", "linear")))
+                         groups=candidate_groups(flops, sampling.groups, trained or list(range(len(flops))),
+                                                 sampling.spacing))
     choices, _ = select(deploy_by, palette, result, flops, [b * 1e9 for b in budgets] if budgets else None, [],
-                        SamplingConfig(**sampling), progress=False)
+                        sampling, progress=False)
     paths = export_choices(palette, choices, flops, info["params"], info["importance"], info["task"],
                            info["classes"], Path(out_dir) if out_dir else Path(run_dir) / "deployed")
     return [{"budget": c.budget, "stitch_id": c.stitch_id, "name": palette.space[c.stitch_id].name,

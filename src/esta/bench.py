@@ -29,6 +29,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .errors import EstaError
+from .evaluate import largest_drop
 from .families import MINI_FAMILY
 from .methods import get_method
 from .report import bench_plot
@@ -137,7 +138,7 @@ def summarise(runs: list[dict]) -> dict:
         "mean_accuracy": mean,
         "mean_accuracy_std": std,
         "mean_accuracy_per_seed": means,
-        "largest_drop": _largest_drop([d["accuracy"] for d in deployed]),
+        "largest_drop": largest_drop([d["accuracy"] for d in deployed]),
         "train_seconds": statistics.fmean(r["train"]["seconds"] for r in runs),
         "train_seconds_per_seed": [r["train"]["seconds"] for r in runs],
         "steps": runs[0]["train"]["steps"],
@@ -153,14 +154,6 @@ def summarise(runs: list[dict]) -> dict:
         "seeds": [r["config"]["train"]["seed"] for r in runs],
         "anchor_accuracy": runs[0]["summary"]["anchor_accuracy"],
     }
-
-
-def _largest_drop(accuracies: list[float | None]) -> float:
-    drop, best = 0.0, float("-inf")
-    for a in accuracies:
-        if a is not None:
-            drop, best = max(drop, best - a), max(best, a)
-    return drop
 
 
 def sweep_learning_rates(cfg: BenchConfig, bar: tqdm) -> tuple[dict[str, float], dict]:

@@ -57,3 +57,13 @@ def spearman(x: list[float], y: list[float]) -> float:
     rx, ry = rx - rx.mean(), ry - ry.mean()
     denom = (rx.norm() * ry.norm()).item()
     return float((rx @ ry).item() / denom) if denom > 0 else float("nan")
+
+
+def largest_drop(accuracies: list[float | None]) -> float:
+    """How far accuracy, read from the cheapest budget up, ever falls below a cheaper budget's (0 when it never
+    falls; missing values skipped): the "rises with budget" check."""
+    drop, best = 0.0, float("-inf")
+    for a in accuracies:
+        if a is not None:
+            drop, best = max(drop, best - a), max(best, a)
+    return drop
