@@ -7,7 +7,7 @@ setup:
 	ESTA_VENV=$(VENV) scripts/setup.sh
 
 demo: setup
-	$(VENV)/bin/esta demo
+	$(VENV)/bin/esta demo --overwrite
 
 test: setup
 	$(PY) -m pytest

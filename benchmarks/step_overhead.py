@@ -26,7 +26,6 @@ from peft import LoraConfig, inject_adapter_in_model
 from esta import DeployedStitch, Palette, PSTConfig, load_family
 from esta.families import quiet_transformers
 from esta.importance import snip_score
-from esta.palette import run_stitch
 
 
 def timed(fn, warmup: int = 3) -> callable:

@@ -130,5 +130,5 @@ def test_a_non_finite_loss_stops_training_with_one_clear_error(tmp_path, vit_fam
     palette.init_stitching(data.images[:8])
     palette.apply_pst(PSTConfig())
     with pytest.raises(EstaError, match=r"non-finite .* at step 1, stitch .*learning rate"):
-        train(palette, data, [1.0] * len(palette), TrainConfig(steps=3, batch_size=8, lr=float("inf")),
+        train(palette, data, [1.0] * len(palette), TrainConfig(steps=3, batch_size=8, lr=1e-3),
               loss_fn=lambda model, batch, s: model(batch[0], stitch=s).sum() * float("nan"), progress=False)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -23,6 +24,7 @@ from .data import TensorImageDataset, load_image_task, stratified_split
 from .deploy import Choice, DeployedStitch, check_budgets, choose
 from .errors import EstaError
 from .evaluate import accuracy, largest_drop, spearman, sweep
+from .files import claim_out_dir, write_json
 from .families import MINI_FAMILY, anchor_names, load_family
 from .importance import SamplingConfig, budget_groups
 from .methods import get_method
@@ -64,11 +66,82 @@ class AdaptConfig:
     sweep: bool = True  # evaluate every stitch (the honest check of the choice; SN-Net's way to choose)
     train_examples: int | str | None = "default"
     cache_dir: str | None = None
-    resume: bool = False
+    resume: bool = False  # continue the run in out_dir from its checkpoint (same settings)
+    overwrite: bool = False  # replace a run already in out_dir, whole
     progress: bool = True
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def deploy_rule(self) -> str:
+        """The baselines deploy by validation; ESTA and its ablations by ``deploy_by`` (importance: the paper's)."""
+        method = get_method(self.method)
+        return self.deploy_by if method.deploy_by == "importance" else method.deploy_by
+
+    def check(self) -> None:
+        """Everything that can be refused without loading a model or a dataset, refused here, before both."""
+        get_method(self.method)
+        for name, v in (("kernel", self.kernel), ("stride", self.stride),
+                        ("calibration examples", self.calibration_examples),
+                        ("probe examples", self.probe_examples)):
+            if v < 1:
+                raise EstaError(f"{name} must be at least 1, got {v}")
+        if self.eval_examples is not None and self.eval_examples < 1:
+            raise EstaError(f"evaluation examples must be at least 1 (or all), got {self.eval_examples}")
+        if self.validation_examples < 0:
+            raise EstaError(f"validation examples must be >= 0, got {self.validation_examples}")
+        if self.head_init not in ("probe", "random"):
+            raise EstaError(f"head_init must be 'probe' or 'random', got {self.head_init!r}")
+        if self.deploy_by not in DEPLOY_RULES:
+            raise EstaError(f"deploy_by must be one of {list(DEPLOY_RULES)}, got {self.deploy_by!r}")
+        if self.deploy_rule() == "validation" and self.validation_examples < 1:
+            raise EstaError(f"{self.method} deploys by validation accuracy: give --validation-examples >= 1")
+        if self.budgets is not None:
+            bad = [b for b in self.budgets if not (math.isfinite(b) and b > 0)]
+            if bad or not self.budgets:
+                raise EstaError(f"budgets must be positive numbers of GFLOPs, got {self.budgets}")
+        self.pst.check()
+        self.train.check()
+
+
+#: settings a resumed run may change: they decide what is shown or kept, not what is trained
+RESUMABLE_CHANGES = {"resume", "overwrite", "progress", "sweep", "validation_sweep", "eval_examples", "cache_dir",
+                     "out_dir", "train.checkpoint_every", "train.num_workers"}
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def check_resumable(out: Path, config: AdaptConfig) -> None:
+    """Refuse to resume with settings that differ from the checkpointed run's (other than RESUMABLE_CHANGES):
+    the result would be neither run. Names every difference."""
+    try:
+        before = _flat(json.loads((out / "run.json").read_text())["config"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise EstaError(f"cannot resume: {out / 'run.json'} is missing or damaged ({e})") from e
+    now = _flat(json.loads(json.dumps(config.to_dict())))  # through JSON, as run.json was written
+    diff = [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(before) | set(now))
+            if k not in RESUMABLE_CHANGES and k in before and before.get(k) != now.get(k)]
+    if diff:
+        raise EstaError(f"cannot resume {out} with other settings ({'; '.join(diff)}); only "
+                        f"{', '.join(sorted(RESUMABLE_CHANGES))} may change. Use --overwrite to start again")
+
+
+def warn_missing_classes(task) -> None:
+    """Tell, don't guess: a class absent from a split makes its accuracy an average over the other classes."""
+    for split, data in (("train", task.train), ("test", task.test)):
+        present = {int(y) for y in torch.as_tensor(data.labels).tolist()}
+        missing = [c for k, c in enumerate(task.classes) if k not in present]
+        if missing:
+            log.warning("task %s: %d of %d classes have no %s examples (%s)%s", task.name, len(missing),
+                        len(task.classes), split, ", ".join(missing[:10]), ", ..." if len(missing) > 10 else "")
 
 
 def materialize(dataset, indices) -> TensorImageDataset:
@@ -80,9 +153,12 @@ def materialize(dataset, indices) -> TensorImageDataset:
 
 
 def adapt(config: AdaptConfig) -> dict:
+    config.check()
     method = get_method(config.method)
-    out = Path(config.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    deploy_by = config.deploy_rule()
+    out = claim_out_dir(config.out_dir, resume=config.resume, overwrite=config.overwrite)
+    if config.resume:
+        check_resumable(out, config)
     seed = config.train.seed
     torch.manual_seed(seed)
 
@@ -92,13 +168,15 @@ def adapt(config: AdaptConfig) -> dict:
                            cache_dir=config.cache_dir, train_examples=config.train_examples, seed=seed)
     if len(task.train) == 0 or len(task.test) == 0:
         raise EstaError(f"task {config.data!r} has an empty train or test split")
-    if config.head_init not in ("probe", "random"):
-        raise EstaError(f"head_init must be 'probe' or 'random', got {config.head_init!r}")
+    warn_missing_classes(task)
     torch.manual_seed(seed)
     for a in anchors:
         a.new_task_head(len(task.classes))
     head_init = "probe" if not method.train else config.head_init  # a linear probe is the whole of that method
     val_set, eval_set = held_out_sets(task.test, config.validation_examples, config.eval_examples, seed)
+    if len(val_set) == 0 and deploy_by == "validation":
+        raise EstaError(f"the test split of {task.name} has {len(task.test)} examples: too few to hold out a "
+                        f"validation set (a quarter of it) for deploying by validation accuracy")
 
     # 2. the palette: stitching layers fitted by least squares, costs counted on the plain layers, then PST
     palette = Palette(anchors, kernel=config.kernel, stride=config.stride, pairing=config.pairing,
@@ -126,15 +204,13 @@ def adapt(config: AdaptConfig) -> dict:
     log.info("palette: %d stitches (%d anchors), %d stitching layers; trainable %d of %d parameters",
              len(palette), len(anchors), len(palette.stitching), palette.trainable_parameters(),
              palette.total_parameters())
-    (out / "run.json").write_text(json.dumps({
+    write_json(out / "run.json", {
         "config": config.to_dict(), "classes": task.classes, "task": task.name,
         "flops": [c.flops for c in costs], "params": [c.params for c in costs],
-        "space": palette.space.to_dict()}, indent=1))
+        "space": palette.space.to_dict()})
 
     # 3. one training run for the whole palette (for anchors-lora: each anchor, as many steps each)
     trained = palette.space.anchor_ids() if method.anchors_only else None
-    # the baselines deploy by validation; ESTA and its ablations by config.deploy_by (importance: the paper's rule)
-    deploy_by = config.deploy_by if method.deploy_by == "importance" else method.deploy_by
     sampling = method.sampling(config.train.sampling)
     needs_scores = deploy_by == "importance" or not sampling.uniform  # else the SNIP score is never read
     train_cfg = replace(config.train, sampling=sampling, track_importance=needs_scores,
@@ -210,7 +286,7 @@ def compare_alone(results: dict, config: AdaptConfig, methods: list[str]) -> lis
             raise EstaError(f"--compare takes methods that tune anchors alone (anchors-lora, linear-probe), "
                             f"not {name!r}")
         ref = adapt(replace(config, method=name, out_dir=str(out / "references" / name), budgets=None,
-                            validation_sweep=False, resume=False))
+                            validation_sweep=False, resume=False, overwrite=True))  # part of this run
         results["references"] = [r for r in results.get("references", []) if r["method"] != name] + [
             {"method": name, "name": a["name"], "flops": a["flops"], "accuracy": a["accuracy"],
              "steps": a["updates"]} for a in ref["anchors_in_palette"] if a["accuracy"] is not None]
@@ -356,7 +432,8 @@ def load_run(run_dir: str | Path) -> tuple[Palette, dict]:
     method = get_method(cfg.get("method", "esta"))
     palette.apply_pst(method.pst(PSTConfig(**{**pst, "lora_targets": tuple(pst["lora_targets"]),
                                               "no_bias_targets": tuple(pst["no_bias_targets"])})))
-    load_adaptation(run_dir / "checkpoint", palette)
+    meta = load_adaptation(run_dir / "checkpoint", palette)
+    info["step"], info["total_steps"] = meta["step"], meta.get("total_steps", meta["step"])
     sampler = load_sampler_state(run_dir / "checkpoint")
     info["importance"] = [float(v) for v in sampler["importance"]]
     info["updates"] = [int(v) for v in sampler["updates"]]
@@ -365,9 +442,15 @@ def load_run(run_dir: str | Path) -> tuple[Palette, dict]:
     return palette.eval(), info
 
 
-def redeploy(run_dir: str | Path, budgets: list[float] | None, out_dir: str | Path | None = None) -> list[dict]:
-    """Deploy again from a finished run, e.g. for other budgets (GFLOPs): no retraining, no evaluation sweep."""
+def redeploy(run_dir: str | Path, budgets: list[float] | None, out_dir: str | Path | None = None,
+             allow_unfinished: bool = False) -> list[dict]:
+    """Deploy again from a finished run, e.g. for other budgets (GFLOPs): no retraining, no evaluation sweep.
+    The deployment folder is replaced whole (see ``export_choices``). A run whose checkpoint is short of its last
+    step is refused unless ``allow_unfinished``."""
     palette, info = load_run(run_dir)
+    if info["step"] < info["total_steps"] and not allow_unfinished:
+        raise EstaError(f"{run_dir} is unfinished (checkpoint at step {info['step']} of {info['total_steps']}): "
+                        f"finish it with esta train --resume, or deploy it as it is with --allow-unfinished")
     method = get_method(info["config"].get("method", "esta"))
     deploy_by = info["config"].get("deploy_by", "importance") if method.deploy_by == "importance" else "validation"
     if deploy_by == "validation":
@@ -396,11 +479,26 @@ def redeploy(run_dir: str | Path, budgets: list[float] | None, out_dir: str | Pa
 
 def export_choices(palette: Palette, choices: list[Choice], flops: list[float], params: list[int],
                    importance: list[float], task: str, classes: list[str], out: Path) -> list[Path]:
-    """Save each chosen stitch standalone as ``out/budgetKK`` (cheapest budget first)."""
-    paths = []
+    """Save each chosen stitch standalone as ``out/budgetKK`` (cheapest budget first), with ``out/manifest.json``
+    listing exactly those folders. The whole deployment is written beside ``out`` and then replaces it, so a
+    deployment folder never mixes two deployments (no stale ``budgetKK`` from an earlier one) and a crash leaves
+    the previous one whole."""
+    out = Path(out)
+    tmp, old = out.with_name(out.name + ".tmp"), out.with_name(out.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    entries = []
     for k, c in enumerate(choices):
         model = DeployedStitch.from_palette(palette, c.stitch_id, meta={
             "budget_flops": c.budget, "flops": flops[c.stitch_id], "params": params[c.stitch_id],
             "importance": importance[c.stitch_id], "task": task, "classes": classes})
-        paths.append(model.save_pretrained(out / f"budget{k:02d}"))
-    return paths
+        model.save_pretrained(tmp / f"budget{k:02d}")
+        entries.append({"folder": f"budget{k:02d}", "budget_flops": c.budget, "stitch_id": c.stitch_id,
+                        "name": palette.space[c.stitch_id].name, "flops": flops[c.stitch_id],
+                        "params": params[c.stitch_id]})
+    write_json(tmp / "manifest.json", {"task": task, "deployed": entries})
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+    return [out / e["folder"] for e in entries]

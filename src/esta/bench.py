@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -29,6 +30,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .errors import EstaError
+from .files import write_json, write_text
 from .evaluate import largest_drop
 from .families import MINI_FAMILY
 from .methods import get_method
@@ -83,8 +85,8 @@ def _run(cfg: BenchConfig, task: str, method: str, seed: int, lr: float, out: Pa
         if json.loads(made_by.read_text()) == args:  # a finished run of this very configuration: reuse it
             return json.loads(results.read_text())
         log.info("%s was made with other settings (e.g. a --quick bench): running it again", out)
+    shutil.rmtree(out, ignore_errors=True)  # the bench owns its run folders: an unfinished or other run goes
     out.mkdir(parents=True, exist_ok=True)
-    made_by.unlink(missing_ok=True)  # written only once the run has finished
     cmd = [sys.executable, "-m", "esta.cli", *args]
     env = dict(os.environ)
     if cfg.threads:
@@ -94,7 +96,7 @@ def _run(cfg: BenchConfig, task: str, method: str, seed: int, lr: float, out: Pa
     if code != 0:
         tail = (out / "log.txt").read_text().strip().splitlines()[-5:]
         raise EstaError(f"bench run {task}/{method}/seed{seed} failed (exit {code}):\n  " + "\n  ".join(tail))
-    made_by.write_text(json.dumps(args))
+    write_json(made_by, args)
     return json.loads(results.read_text())
 
 
@@ -215,8 +217,8 @@ def run_bench(cfg: BenchConfig) -> dict:
 def _write(cfg: BenchConfig, out: Path, tasks: dict, lrs: dict, lr_table: dict, seconds: float) -> dict:
     bench = {"config": asdict(cfg), "learning_rates": lrs, "lr_sweep": lr_table, "seconds": seconds,
              "tasks": tasks, "claims": claims(tasks)}
-    (out / "bench.json").write_text(json.dumps(bench, indent=1))
-    (out / "bench.md").write_text(markdown(bench))
+    write_json(out / "bench.json", bench)
+    write_text(out / "bench.md", markdown(bench))
     return bench
 
 

@@ -31,7 +31,7 @@ def save_checkpoint(folder: Path, model: Palette, optimizer: Any, scheduler: Any
     tensors = {k: v for k, v in sampler_state.items() if isinstance(v, torch.Tensor)}
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "sampler.safetensors"))
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optim.pt")
-    (tmp / "state.json").write_text(json.dumps(meta, indent=1))
+    (tmp / "state.json").write_text(json.dumps(meta, indent=1))  # last: its presence marks a complete checkpoint
     old = folder.with_name(folder.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
     if folder.exists():
@@ -40,12 +40,28 @@ def save_checkpoint(folder: Path, model: Palette, optimizer: Any, scheduler: Any
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _read(path: Path, load: Any) -> Any:
+    """``load(path)``, with a missing or corrupt file (truncated, not the format) as one EstaError naming it."""
+    if not path.is_file():
+        raise EstaError(f"checkpoint file {path} is missing: the checkpoint is incomplete; start the run again "
+                        f"with --overwrite")
+    try:
+        return load(path)
+    except Exception as e:  # safetensors, torch and json each raise their own types for a damaged file
+        raise EstaError(f"checkpoint file {path} is damaged ({type(e).__name__}: {str(e)[:120]}); start the run "
+                        f"again with --overwrite") from e
+
+
 def load_adaptation(folder: Path, model: Palette) -> dict:
     """Put a checkpoint's adaptation state into ``model`` (same anchors, same PST); return its meta."""
     folder = Path(folder)
     if not (folder / "state.json").is_file():
         raise EstaError(f"no checkpoint in {folder}")
-    state = load_file(str(folder / "adaptation.safetensors"))
+    meta = _read(folder / "state.json", lambda p: json.loads(p.read_text()))
+    if not isinstance(meta, dict) or not isinstance(meta.get("step"), int):
+        raise EstaError(f"checkpoint file {folder / 'state.json'} is damaged (no step); start the run again with "
+                        f"--overwrite")
+    state = _read(folder / "adaptation.safetensors", lambda p: load_file(str(p)))
     params = dict(model.named_parameters())
     expected = model.adaptation_state().keys()
     missing = [n for n in expected if n not in state]
@@ -53,20 +69,28 @@ def load_adaptation(folder: Path, model: Palette) -> dict:
     if missing or unknown:
         raise EstaError(f"checkpoint {folder} does not match this palette: {len(missing)} tensors missing, "
                         f"{len(unknown)} unknown (e.g. {(missing or unknown)[0]})")
+    wrong = [n for n, t in state.items() if t.shape != params[n].shape]
+    if wrong:
+        raise EstaError(f"checkpoint {folder} does not match this palette: {wrong[0]} has shape "
+                        f"{tuple(state[wrong[0]].shape)}, the palette {tuple(params[wrong[0]].shape)}")
     with torch.no_grad():
         for n, t in state.items():
             params[n].copy_(t)
-    return json.loads((folder / "state.json").read_text())
+    return meta
 
 
 def load_sampler_state(folder: Path) -> dict:
-    return load_file(str(Path(folder) / "sampler.safetensors"))
+    return _read(Path(folder) / "sampler.safetensors", lambda p: load_file(str(p)))
 
 
 def load_checkpoint(folder: Path, model: Palette, optimizer: Any, scheduler: Any) -> tuple[dict, dict]:
     """Restore model/optimizer/scheduler in place to resume training; return (sampler tensors, meta)."""
     meta = load_adaptation(folder, model)
-    optim = torch.load(Path(folder) / "optim.pt", weights_only=True)
-    optimizer.load_state_dict(optim["optimizer"])
-    scheduler.load_state_dict(optim["scheduler"])
+    optim = _read(Path(folder) / "optim.pt", lambda p: torch.load(p, weights_only=True))
+    try:
+        optimizer.load_state_dict(optim["optimizer"])
+        scheduler.load_state_dict(optim["scheduler"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise EstaError(f"checkpoint file {Path(folder) / 'optim.pt'} does not fit this run ({e}); start the run "
+                        f"again with --overwrite") from e
     return load_sampler_state(folder), meta

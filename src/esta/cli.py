@@ -42,9 +42,10 @@ def cmd_space(args: argparse.Namespace) -> int:
     from .space import build_space
 
     if args.anchors:
-        from transformers import AutoConfig
+        from .families import _config
 
-        depths = [AutoConfig.from_pretrained(a).num_hidden_layers for a in args.anchors]
+        # the same reader as training: local folders checked first, never remote code
+        depths = [_config(a)[0].num_hidden_layers for a in args.anchors]
     elif args.depths:
         depths = _ints(args.depths)
     else:
@@ -76,7 +77,7 @@ def _adapt_config(args: argparse.Namespace, **overrides):
     lr = args.lr if args.lr is not None else get_method(args.method).lr
     train_cfg = TrainConfig(epochs=args.epochs, steps=args.steps, batch_size=args.batch_size, lr=lr,
                             seed=args.seed, sampling=sampling, checkpoint_every=args.checkpoint_every,
-                            **given(score_init_batch=args.score_init_batch))
+                            **given(score_init_batch=args.score_init_batch, head_lr_scale=args.head_lr_scale))
     pst = PSTConfig(lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
                     lora_targets=tuple(args.lora_targets.split(",")) if args.lora_targets else (),
                     stitch_lora_rank=args.stitch_lora_rank, bias=args.bias)
@@ -85,8 +86,10 @@ def _adapt_config(args: argparse.Namespace, **overrides):
                pairing=args.pairing, two_way=args.two_way, pst=pst, train=train_cfg,
                budgets=_floats(args.budgets) if args.budgets else None,
                eval_examples=args.eval_examples or None, sweep=not args.no_sweep, resume=args.resume,
+               overwrite=args.overwrite,
                validation_sweep=args.validation_sweep, progress=not args.no_progress,
-               **given(head_init=args.head_init, deploy_by=args.deploy_by))
+               **given(head_init=args.head_init, deploy_by=args.deploy_by,
+                       calibration_examples=args.calibration_examples))
     cfg.update(overrides)
     return AdaptConfig(**cfg)
 
@@ -132,7 +135,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_deploy(args: argparse.Namespace) -> int:
     from .adapt import redeploy
 
-    for d in redeploy(args.run, _floats(args.budgets) if args.budgets else None, args.out):
+    for d in redeploy(args.run, _floats(args.budgets) if args.budgets else None, args.out,
+                      allow_unfinished=args.allow_unfinished):
         print(f"budget {d['budget'] / 1e9:.3f} GFLOPs -> {d['name']} ({d['flops'] / 1e9:.3f} GFLOPs): {d['path']}")
     return 0
 
@@ -260,7 +264,7 @@ def cmd_lm_train(args: argparse.Namespace) -> int:
         budgets=_floats(args.budgets) if args.budgets else None, mc_root=mc_root,
         mc_examples=args.mc_examples, screen_ratio=args.screen_ratio or None, screen_examples=args.screen_examples,
         deploy_by=args.deploy_by, validation_examples=args.validation_examples,
-        resume=args.resume, progress=not args.no_progress)
+        resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
     r = adapt_lm(cfg)
     print(f"{'':28}{'params M':>9} {'ppl':>8} {'MC acc %':>9}")
     for row in r["anchors"] + r["deployed"]:
@@ -338,6 +342,10 @@ def _train_args(p: argparse.ArgumentParser, out: str, epochs: float, compare: st
                    help="score every stitch on one batch before training")
     p.add_argument("--head-init", choices=["probe", "random"], default=None,
                    help="new task heads start as linear probes of frozen features, or random")
+    p.add_argument("--calibration-examples", type=int, default=None,
+                   help="training images the stitching layers are fitted on by least squares (default 64)")
+    p.add_argument("--head-lr-scale", type=float, default=None,
+                   help="the new task heads' learning rate as a multiple of --lr (probe-started heads: gently)")
     p.add_argument("--deploy-by", choices=["importance", "loss", "validation"], default=None,
                    help="how ESTA and its ablations pick a stitch per budget (the baselines use validation)")
     p.add_argument("--validation-sweep", action="store_true",
@@ -352,7 +360,8 @@ def _train_args(p: argparse.ArgumentParser, out: str, epochs: float, compare: st
                    help="test examples held out (never evaluated on) for methods that choose by validation")
     p.add_argument("--no-sweep", action="store_true", help="skip evaluating every stitch")
     p.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint (same settings)")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in OUT, whole")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -427,7 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mc-examples", type=int, default=40, help="examples per multiple-choice task (0 = none)")
     p.add_argument("--checkpoint-every", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", action="store_true")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in OUT, whole")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_lm_train)
 
@@ -447,7 +457,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("deploy", help="deploy again from a finished run, e.g. for other budgets")
     p.add_argument("--run", required=True, help="the run folder (with run.json and checkpoint/)")
     p.add_argument("--budgets", default="", help="comma-separated GFLOPs budgets (default: one per group)")
-    p.add_argument("--out", default=None, help="where to write (default RUN/deployed)")
+    p.add_argument("--out", default=None, help="where to write (default RUN/deployed; replaced whole, with a "
+                   "manifest.json of what it holds)")
+    p.add_argument("--allow-unfinished", action="store_true",
+                   help="deploy a run whose checkpoint is short of its last step")
     p.set_defaults(func=cmd_deploy)
 
     p = sub.add_parser("evaluate", help="accuracy of a deployed stitch on a task's test split")

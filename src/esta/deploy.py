@@ -7,6 +7,7 @@ it with no training state and runs the very same forward as the palette.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -18,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .errors import EstaError
+from .files import atomic_write, write_json
 from .families.base import Anchor
 from .palette import Palette, run_stitch
 from .pst import plain_state_dict
@@ -167,8 +169,14 @@ class DeployedStitch(nn.Module):
             "dtype": str(weight_dtype(self)).removeprefix("torch."),
             "meta": self.meta,
         }
-        (folder / CONFIG_NAME).write_text(json.dumps(config, indent=1))
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(folder / WEIGHTS_NAME))
+        config["checksum"] = _checksum(config)
+        tensors = {k: v.contiguous() for k, v in self.state_dict().items()}
+        broken = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if broken:
+            raise EstaError(f"refusing to deploy {self.stitch.name}: {len(broken)} tensors hold NaN or inf "
+                            f"(e.g. {broken[0]}); the palette diverged")
+        atomic_write(folder / WEIGHTS_NAME, lambda p: save_file(tensors, str(p)))
+        write_json(folder / CONFIG_NAME, config)  # last: a folder with a config holds whole weights
         return folder
 
     @classmethod
@@ -177,24 +185,58 @@ class DeployedStitch(nn.Module):
         cfg_path, weights = folder / CONFIG_NAME, folder / WEIGHTS_NAME
         if not cfg_path.is_file() or not weights.is_file():
             raise EstaError(f"{folder} is not a deployed stitch (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
-        cfg = json.loads(cfg_path.read_text())
-        if cfg.get("format") != FORMAT:
+        try:
+            cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise EstaError(f"{cfg_path} is not valid JSON ({e}); deploy the stitch again") from e
+        if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
             raise EstaError(f"{cfg_path} is not an esta stitch config")
+        if "checksum" in cfg and cfg["checksum"] != _checksum(cfg):
+            raise EstaError(f"{cfg_path} was edited after deployment (its architecture or preprocessing no longer "
+                            f"matches its checksum); deploy the stitch again rather than edit it")
+        try:
+            state = load_file(str(weights))
+        except Exception as e:  # safetensors raises its own error types for a truncated or foreign file
+            raise EstaError(f"{weights} is damaged or not a safetensors file ({str(e)[:120]}); deploy the stitch "
+                            f"again") from e
+        try:
+            model = cls._build(cfg)
+            model.load_state_dict(state, strict=True)
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            # an edited config (missing key, cut out of range, wrong width) no longer matches the weights
+            raise EstaError(f"{cfg_path} does not describe the weights beside it ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:160]}); deploy the stitch again") from e
+        return model.eval()
+
+    @classmethod
+    def _build(cls, cfg: dict) -> "DeployedStitch":
         s = Stitch(**cfg["stitch"])
         fspec, espec = cfg["front"], cfg["end"]
         fcls = _anchor_class(fspec["family"])
+        depth = _depth(fspec)
+        if not s.is_anchor and not (0 <= s.front_last < depth and 0 <= s.end_first < _depth(espec)):
+            raise ValueError(f"cut {s.front_last}/{s.end_first} is outside the anchors' {depth} blocks")
         with built_in(getattr(torch, cfg.get("dtype", "float32"))):
             if s.is_anchor:
-                front = fcls.build_part(fspec, 0, _depth(fspec) - 1, True, True)
+                front = fcls.build_part(fspec, 0, depth - 1, True, True)
                 end, layer = None, None
             else:
                 front = fcls.build_part(fspec, 0, s.front_last, True, False)
                 ecls = _anchor_class(espec["family"])
                 end = ecls.build_part(espec, s.end_first, _depth(espec) - 1, False, True)
                 layer = nn.Linear(*cfg["stitching"])
-        model = cls(s, front, end, layer, cfg.get("meta"))
-        model.load_state_dict(load_file(str(weights)), strict=True)
-        return model.eval()
+        return cls(s, front, end, layer, cfg.get("meta"))
+
+
+#: the parts of a deployed config that decide its predictions (meta, e.g. the class names, may be edited)
+_CHECKED = ("stitch", "front", "end", "stitching", "dtype")
+
+
+def _checksum(cfg: dict) -> str:
+    """SHA-256 of what decides the stitch's predictions: architecture, cut and preprocessing (mean/std)."""
+    as_read = json.loads(json.dumps({k: cfg.get(k) for k in _CHECKED}))  # as a reader sees it (int keys -> str)
+    blob = json.dumps(as_read, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def _depth(spec: dict) -> int:

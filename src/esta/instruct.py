@@ -9,6 +9,7 @@ are learned.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from .errors import EstaError
+
+log = logging.getLogger("esta.instruct")
 
 IGNORE = -100
 ALPACA = ("Below is an instruction that describes a task{with_input}. Write a response that appropriately "
@@ -28,19 +31,38 @@ def load_records(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise EstaError(f"instruction data {str(path)!r} does not exist")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise EstaError(f"{path} is not UTF-8 text (byte {e.start}): save it as UTF-8") from e
+    where = []  # (line number, record) for .jsonl, so an error names the line a user would open
     try:
         if path.suffix == ".jsonl":
-            records = [json.loads(line) for line in text.splitlines() if line.strip()]
+            records = []
+            for n, line in enumerate(text.splitlines(), start=1):
+                if line.strip():
+                    where.append(n)
+                    try:
+                        records.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise EstaError(f"{path}: line {n} is not valid JSON ({e.msg}, column {e.colno})") from e
         else:
             records = json.loads(text)
     except json.JSONDecodeError as e:
-        raise EstaError(f"{path} is not valid JSON{' lines' if path.suffix == '.jsonl' else ''}: {e}") from e
+        raise EstaError(f"{path} is not valid JSON: {e}") from e
     if not isinstance(records, list) or not records:
         raise EstaError(f"{path} holds no records (expected a list of {{instruction, input, output}})")
+    empty = 0
     for i, r in enumerate(records):
+        at = f"line {where[i]}" if where else f"record {i}"
         if not isinstance(r, dict) or not isinstance(r.get("instruction"), str) or not isinstance(r.get("output"), str):
-            raise EstaError(f"{path}: record {i} needs string fields 'instruction' and 'output' (and optional 'input')")
+            raise EstaError(f"{path}: {at} needs string fields 'instruction' and 'output' (and optional 'input')")
+        if r.get("input") is not None and not isinstance(r["input"], str):
+            raise EstaError(f"{path}: {at} has an 'input' of type {type(r['input']).__name__}; it must be a string")
+        empty += not r["output"].strip()
+    if empty:
+        log.warning("%s: %d of %d records have an empty response ('output'); they teach the model to stop at once",
+                    path, empty, len(records))
     return records
 
 

@@ -11,7 +11,6 @@ each metric against parameters.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
@@ -26,6 +25,7 @@ from transformers import AutoTokenizer
 from .cost import count_costs
 from .deploy import DeployedStitch, check_budgets, choose
 from .errors import EstaError
+from .files import claim_out_dir, write_json
 from .families import load_family
 from .importance import SamplingConfig
 from .instruct import IGNORE, build_dataset, collate, lm_loss, load_records
@@ -73,6 +73,7 @@ class LMAdaptConfig:
     kernel: int = 2
     stride: int = 1
     resume: bool = False
+    overwrite: bool = False  # replace a run already in out_dir, whole
     progress: bool = True
 
     def to_dict(self) -> dict:
@@ -80,13 +81,20 @@ class LMAdaptConfig:
 
 
 def adapt_lm(cfg: LMAdaptConfig) -> dict:
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.train.seed)
     if cfg.dtype not in ("bfloat16", "float16", "float32"):
         raise EstaError(f"dtype must be bfloat16, float16 or float32, got {cfg.dtype!r}")
     if cfg.deploy_by not in ("validation", "importance"):
         raise EstaError(f"deploy_by must be 'validation' or 'importance', got {cfg.deploy_by!r}")
+    for name, v in (("max_length", cfg.max_length), ("held-out examples", cfg.heldout_examples),
+                    ("validation examples", cfg.validation_examples),
+                    ("calibration examples", cfg.calibration_examples), ("kernel", cfg.kernel),
+                    ("stride", cfg.stride)):
+        if v < 1:
+            raise EstaError(f"{name} must be at least 1, got {v}")
+    cfg.pst.check()
+    cfg.train.check()
+    out = claim_out_dir(cfg.out_dir, resume=cfg.resume, overwrite=cfg.overwrite)
     records = load_records(cfg.data)
     anchors = load_family(cfg.anchors, dtype=getattr(torch, cfg.dtype))
     if anchors[0].family != "causal-lm":
@@ -138,11 +146,10 @@ def adapt_lm(cfg: LMAdaptConfig) -> dict:
     log.info("palette: %d stitches of %s; trainable %d of %d parameters; %d training / %d held-out records",
              len(palette), [a.source for a in anchors], palette.trainable_parameters(), palette.total_parameters(),
              len(train_set), len(held))
-    (out / "run.json").write_text(json.dumps({"config": cfg.to_dict(), "params": params,
-                                              "flops_32_tokens": [c.flops for c in costs],
-                                              "space": palette.space.to_dict(),
-                                              "screening": screening.to_dict(palette) if screening else None},
-                                             indent=1))
+    write_json(out / "run.json", {"config": cfg.to_dict(), "params": params,
+                                  "flops_32_tokens": [c.flops for c in costs],
+                                  "space": palette.space.to_dict(),
+                                  "screening": screening.to_dict(palette) if screening else None})
 
     result = train(palette, train_set, params, cfg.train, loss_fn=lm_loss, out_dir=out, resume=cfg.resume,
                    collate_fn=lambda b: collate(b, pad), progress=cfg.progress,
@@ -218,7 +225,7 @@ def adapt_lm(cfg: LMAdaptConfig) -> dict:
         "screening": screening.to_dict(palette) if screening else None,
         "config": cfg.to_dict(),
     }
-    (out / "results.json").write_text(json.dumps(results, indent=1))
+    write_json(out / "results.json", results)
     plot_lm(results, out / "metrics.png")
     return results
 

@@ -46,6 +46,18 @@ class PSTConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def check(self) -> None:
+        if self.full_finetune:
+            return
+        if self.lora_rank < 1 or self.stitch_lora_rank < 1:
+            raise EstaError(f"LoRA ranks must be at least 1, got {self.lora_rank} (blocks) and "
+                            f"{self.stitch_lora_rank} (stitching layers)")
+        for name, v in (("lora_alpha", self.lora_alpha), ("stitch_lora_alpha", self.stitch_lora_alpha)):
+            if not (math.isfinite(v) and v > 0):
+                raise EstaError(f"{name} must be a positive number, got {v:g}")
+        if self.bias not in ("per-stitch", "shared", "none"):
+            raise EstaError(f"bias must be 'per-stitch', 'shared' or 'none', got {self.bias!r}")
+
 
 @dataclass
 class ActiveStitch:

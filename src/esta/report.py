@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 
 import matplotlib
+
+from .files import atomic_write, write_json
 
 matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
@@ -16,12 +17,14 @@ STITCH_COLUMNS = ["id", "name", "is_anchor", "front", "end", "flops", "params", 
 
 
 def write_results(results: dict, out_dir: Path) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results.json").write_text(json.dumps(results, indent=1))
-    with open(out_dir / "results.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=STITCH_COLUMNS, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(results["stitches"])
+    def write_csv(path: Path) -> None:
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=STITCH_COLUMNS, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(results["stitches"])
+
+    write_json(out_dir / "results.json", results)
+    atomic_write(out_dir / "results.csv", write_csv)
 
 
 def pareto_plot(results: dict, path: Path, title: str = "") -> None:
@@ -65,7 +68,7 @@ def pareto_plot(results: dict, path: Path, title: str = "") -> None:
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    atomic_write(path, lambda p: fig.savefig(p, format=path.suffix.lstrip(".") or "png"))
     plt.close(fig)
 
 
@@ -105,5 +108,5 @@ def bench_plot(methods: dict, path: Path, title: str = "") -> None:
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    atomic_write(path, lambda p: fig.savefig(p, format=path.suffix.lstrip(".") or "png"))
     plt.close(fig)

@@ -7,7 +7,6 @@ launch option (``accelerate launch --num_processes N``), not another code path.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import resource
@@ -25,6 +24,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .errors import EstaError
+from .files import write_json
 from .importance import ImportanceSampler, SamplingConfig, budget_groups, snip_score
 from .palette import Palette
 
@@ -41,6 +41,10 @@ class TrainConfig:
     lr: float = 2e-3
     weight_decay: float = 1e-4  # on LoRA and head weights; never on biases
     warmup_steps: int = 20
+    #: the new task heads' learning rate as a multiple of ``lr``. A head that starts as a linear probe is already
+    #: good; at the full rate its first Adam steps (about ``lr`` per weight, whatever the gradient's size) undo
+    #: part of the probe before the trunk has adapted (LP-FT, Kumar et al. 2022, tunes after probing gently)
+    head_lr_scale: float = 1.0
     seed: int = 0
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     #: initialise I(s) from one scoring batch before training (DESIGN's reading of the paper). Off by default (ours):
@@ -54,6 +58,25 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def check(self) -> None:
+        """Refuse impossible settings before anything is loaded."""
+        if self.steps is not None and self.steps < 1:
+            raise EstaError(f"steps must be at least 1, got {self.steps}")
+        if self.steps is None and not (math.isfinite(self.epochs) and self.epochs > 0):
+            raise EstaError(f"epochs must be a positive number, got {self.epochs:g}")
+        if self.batch_size < 1:
+            raise EstaError(f"batch size must be at least 1, got {self.batch_size}")
+        for name, v in (("learning rate", self.lr), ("head_lr_scale", self.head_lr_scale)):
+            if not (math.isfinite(v) and v > 0):
+                raise EstaError(f"{name} must be a positive number, got {v:g}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise EstaError(f"weight decay must be >= 0, got {self.weight_decay:g}")
+        for name, v in (("warmup steps", self.warmup_steps), ("checkpoint_every", self.checkpoint_every),
+                        ("num_workers", self.num_workers)):
+            if v < 0:
+                raise EstaError(f"{name} must be >= 0, got {v}")
+        self.sampling.check()
 
 
 @dataclass
@@ -135,12 +158,16 @@ def warmup_cosine(warmup: int, total: int) -> Callable[[int], float]:
     return factor
 
 
-def _param_groups(palette: Palette, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
+def _param_groups(palette: Palette, weight_decay: float, lr: float, head_lr_scale: float = 1.0) -> list[dict]:
+    """Weight decay on matrices only; the new task heads at ``head_lr_scale`` times the rate."""
+    heads = {id(p) for a in palette.anchors if a.task_head() is not None for p in a.task_head().parameters()}
+    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
     for p in palette.parameters():
         if p.requires_grad:
-            (no_decay if p.dim() < 2 else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            groups.setdefault((id(p) in heads, p.dim() >= 2), []).append(p)
+    return [{"params": ps, "weight_decay": weight_decay if matrix else 0.0,
+             "lr": lr * (head_lr_scale if head else 1.0)}
+            for (head, matrix), ps in sorted(groups.items())]
 
 
 def _to(batch: Any, device: torch.device) -> Any:
@@ -188,6 +215,7 @@ def train(palette: Palette, train_set: Dataset, costs: list[float], config: Trai
     """
     if palette.pst is None:
         raise EstaError("apply PST (palette.apply_pst) before training")
+    config.check()
     start_time, rss_start = time.perf_counter(), rss_mb()
     accelerator = accelerator or make_accelerator()
     set_seed(config.seed)
@@ -199,20 +227,23 @@ def train(palette: Palette, train_set: Dataset, costs: list[float], config: Trai
 
     steps_per_epoch = max(1, len(train_set) // config.batch_size)
     total_steps = config.steps if config.steps is not None else max(1, round(config.epochs * steps_per_epoch))
-    optimizer = torch.optim.AdamW(_param_groups(palette, config.weight_decay), lr=config.lr)
+    optimizer = torch.optim.AdamW(_param_groups(palette, config.weight_decay, config.lr, config.head_lr_scale),
+                                  lr=config.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(config.warmup_steps, total_steps))
     # The scheduler stays out of prepare(): Accelerate would step it once per process per step, assuming it had
     # sharded the loader into fewer steps; our loader gives every process the same number of steps.
     model, optimizer = accelerator.prepare(palette, optimizer)
 
     ckpt_dir = Path(out_dir) / "checkpoint" if out_dir is not None else None
-    start_step = 0
+    start_step, seconds_before, ema = 0, 0.0, None
     if resume:
         if ckpt_dir is None:
             raise EstaError("resume needs the run's output folder")
         sampler_state, meta = load_checkpoint(ckpt_dir, palette, optimizer, scheduler)
         sampler.load_state_dict(sampler_state)
         start_step = int(meta["step"])
+        # the whole run's loss average and training time, not only the part after the restart
+        ema, seconds_before = meta.get("loss_ema"), float(meta.get("seconds", 0.0))
         log.info("resumed from %s at step %d", ckpt_dir, start_step)
 
     def loader(steps: int, start: int, seed: int) -> DataLoader:
@@ -234,15 +265,17 @@ def train(palette: Palette, train_set: Dataset, costs: list[float], config: Trai
 
     bar = tqdm(total=total_steps, initial=start_step, desc="training palette",
                disable=not progress or not accelerator.is_main_process)
-    loss_value, ema = float("nan"), None
+    loss_value = float("nan")
     for step, batch in enumerate(loader(total_steps, start_step, config.seed), start=start_step):
         stitch = int(broadcast(torch.tensor([sampler.sample()], device=accelerator.device))[0])
         loss = loss_fn(model, _to(batch, accelerator.device), stitch)
         loss_value = float(loss.detach())
         _check_finite("loss", loss_value, step, stitch, palette, config.lr)
         accelerator.backward(loss)
+        # |theta*grad| is NaN/inf with the gradients; without scores, their norm is the (cheap) check
         score = snip_score(path_params[stitch], per_parameter) if config.track_importance else 0.0
-        _check_finite("gradient", score, step, stitch, palette, config.lr)  # |theta*grad| is NaN/inf with the grads
+        check = score if config.track_importance else _grad_norm(path_params[stitch])
+        _check_finite("gradient", check, step, stitch, palette, config.lr)
         sampler.update(stitch, score, loss_value)
         optimizer.step()
         scheduler.step()
@@ -257,12 +290,13 @@ def train(palette: Palette, train_set: Dataset, costs: list[float], config: Trai
         ):
             save_checkpoint(ckpt_dir, palette, optimizer, scheduler, sampler.state_dict(),
                             {"step": done, "total_steps": total_steps, "loss_ema": ema,
+                             "seconds": seconds_before + time.perf_counter() - start_time,
                              "config": config.to_dict()})
     bar.close()
     accelerator.wait_for_everyone()
     return TrainResult(
         steps=total_steps,
-        seconds=time.perf_counter() - start_time,
+        seconds=seconds_before + time.perf_counter() - start_time,
         trainable_params=sum(p.numel() for p in {id(p): p for s in candidates for p in path_params[s]}.values()),
         total_params=palette.total_parameters(),
         peak_rss_mb=peak_rss_mb(),
@@ -275,6 +309,11 @@ def train(palette: Palette, train_set: Dataset, costs: list[float], config: Trai
     )
 
 
+def _grad_norm(params: list[torch.nn.Parameter]) -> float:
+    grads = [p.grad for p in params if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))) if grads else 0.0
+
+
 def _check_finite(what: str, value: float, step: int, stitch: int, palette: Palette, lr: float) -> None:
     """Stop at the first non-finite loss or gradient, before it reaches the weights: the last checkpoint (written
     only after finite steps) stays good, and nothing is deployed from a broken palette."""
@@ -284,4 +323,4 @@ def _check_finite(what: str, value: float, step: int, stitch: int, palette: Pale
 
 
 def write_result(result: TrainResult, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(asdict(result), indent=1))
+    write_json(path, asdict(result))

@@ -6,6 +6,7 @@ Every source comes out the same way: datasets of ``(uint8 [C, image_size, image_
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 from dataclasses import dataclass
@@ -83,6 +84,10 @@ def load_image_task(spec: str, *, image_size: int, num_channels: int, cache_dir:
             f"(extensions {', '.join(IMAGE_EXTENSIONS)}), or a folder written by DatasetDict.save_to_disk")
     if not _HUB_NAME.fullmatch(spec):
         raise EstaError(f"{path} does not exist (and {spec!r} is not a built-in task: {', '.join(BUILTIN_TASKS)})")
+    near = difflib.get_close_matches(spec.lower(), list(BUILTIN_TASKS), n=1, cutoff=0.8)
+    if near:  # a typo of a built-in name: say so at once, rather than after the hub's retries
+        raise EstaError(f"unknown task {spec!r}: did you mean the built-in {near[0]!r}? (built-in tasks: "
+                        f"{', '.join(BUILTIN_TASKS)}; anything else is read as a folder or a hub dataset)")
     return _load_hf(spec, None, image_size, num_channels, subset, seed)
 
 

@@ -55,7 +55,7 @@ def _config(source: str) -> tuple[object, bool]:
         config = AutoConfig.from_pretrained(source, local_files_only=local, trust_remote_code=False)
     except Exception as e:  # noqa: BLE001 - any failure here means "cannot find/read this model"
         where = "folder" if local else "hub id (no such local folder; is the model hub reachable?)"
-        raise EstaError(f"cannot load anchor {source!r} as a {where}: {e}") from e
+        raise EstaError(f"cannot load anchor {source!r} as a {where}: {' '.join(str(e).split())}") from e
     return config, local
 
 

@@ -121,3 +121,19 @@ def import_transformers_class(path: str) -> type:
 
 def class_path(obj: object) -> str:
     return f"{type(obj).__module__}.{type(obj).__qualname__}"
+
+
+def load_weights(source: str, load: Any) -> Any:
+    """``load()`` (a transformers ``from_pretrained``), with a missing, truncated, corrupt or pickle-only
+    checkpoint as one EstaError naming the source. Local folders are read with ``use_safetensors=True``: a
+    pickled ``.bin`` is refused, never unpickled."""
+    try:
+        return load()
+    except (OSError, ValueError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise EstaError(f"cannot load the weights of anchor {source!r}: {first} (esta reads local folders only "
+                        f"from model.safetensors)") from e
+    except Exception as e:  # safetensors' own error type for a damaged file is not an OSError
+        if type(e).__name__ == "SafetensorError":
+            raise EstaError(f"anchor {source!r}: model.safetensors is damaged ({e})") from e
+        raise

@@ -21,7 +21,7 @@ from transformers import AutoConfig, DynamicCache, PretrainedConfig
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from ..errors import EstaError
-from .base import Anchor, class_path, import_transformers_class
+from .base import Anchor, class_path, import_transformers_class, load_weights
 
 log = logging.getLogger("esta")
 
@@ -131,8 +131,10 @@ def load_causal_lm_anchor(source: str, config: PretrainedConfig, local: bool, dt
     from transformers import AutoModelForCausalLM
 
     kw = {"gguf_file": gguf_file} if gguf_file else {}
-    full = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=local,
-                                                trust_remote_code=False, **kw)
+    if local and not gguf_file:
+        kw["use_safetensors"] = True  # never unpickle a .bin
+    full = load_weights(source, lambda: AutoModelForCausalLM.from_pretrained(
+        source, dtype=dtype, local_files_only=local, trust_remote_code=False, **kw))
     full.requires_grad_(False)
     m = full.model
     lm_head = full.lm_head
@@ -187,8 +189,9 @@ def convert_gguf(path: str | Path, cache_dir: str | Path | None = None, dtype: t
             kw["quantization_config"] = GgufConfig(dequantize=True)
         except ImportError:  # older transformers always dequantise
             pass
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype, **kw)
-        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype,
+                                                     trust_remote_code=False, **kw)
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
     except Exception as e:  # noqa: BLE001 - a broken or unsupported file: one clear message
         raise EstaError(f"cannot read GGUF file {path}: {e}") from e
     tmp = out.with_name(out.name + ".tmp")

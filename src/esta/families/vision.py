@@ -17,7 +17,7 @@ from torch import nn
 from transformers import AutoConfig, DeiTModel, PretrainedConfig, ViTModel
 
 from ..errors import EstaError
-from .base import Anchor, class_path, import_transformers_class
+from .base import Anchor, class_path, import_transformers_class, load_weights
 
 VISION_MODELS: dict[str, type] = {"vit": ViTModel, "deit": DeiTModel}
 #: prefix tokens before the patches ([CLS], and DeiT's distillation token): stitched anchors must agree.
@@ -180,16 +180,16 @@ def load_vision_anchor(source: str, config: PretrainedConfig, num_labels: int | 
 
         if not any(a.endswith("ForImageClassification") for a in (config.architectures or [])):
             raise EstaError(f"{source} has no image-classification head: give the number of target classes")
-        full = AutoModelForImageClassification.from_pretrained(source, dtype=dtype, local_files_only=local)
+        full = load_weights(source, lambda: AutoModelForImageClassification.from_pretrained(
+            source, dtype=dtype, local_files_only=local, trust_remote_code=False, use_safetensors=local or None))
         model = getattr(full, full.base_model_prefix)
         classifier = getattr(full, "classifier", None) or getattr(full, "cls_classifier", None)
         if not isinstance(classifier, nn.Linear):
             raise EstaError(f"{source}: cannot find a linear classifier head")
     else:
         # The base model loads from classification checkpoints too (their "vit."/"deit." prefix is stripped).
-        model = VISION_MODELS[config.model_type].from_pretrained(
-            source, add_pooling_layer=False, dtype=dtype, local_files_only=local
-        )
+        model = load_weights(source, lambda: VISION_MODELS[config.model_type].from_pretrained(
+            source, add_pooling_layer=False, dtype=dtype, local_files_only=local, use_safetensors=local or None))
     model.requires_grad_(False)
     mean, std = _preprocessing(source, config, local)
     anchor = VisionAnchor(model.config, model.embeddings, model.layers, model.layernorm, classifier, mean, std,

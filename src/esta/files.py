@@ -1,0 +1,75 @@
+"""Writing run folders safely: every file appears whole or not at all, and one run never lands on another.
+
+``atomic_write`` writes beside the target and renames over it (a rename is atomic on POSIX), so a crash or a full
+disk leaves either the old file or the new one, never half of one. ``claim_out_dir`` is the one rule for an output
+folder: a folder that holds an esta run is refused unless the user asked to continue it (``resume``) or to replace
+it whole (``overwrite``), so two runs' files are never mixed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import EstaError
+
+#: what esta writes into a run folder; a folder holding any of them holds a run
+RUN_MARKERS = ("run.json", "results.json", "checkpoint", "deployed")
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp)`` to produce the file at a temporary path beside ``path``, then rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: str | Path, text: str) -> None:
+    atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=1))
+
+
+def holds_run(folder: str | Path) -> bool:
+    folder = Path(folder)
+    return folder.is_dir() and any((folder / m).exists() for m in RUN_MARKERS)
+
+
+def claim_out_dir(folder: str | Path, *, resume: bool = False, overwrite: bool = False) -> Path:
+    """Make ``folder`` ready for a run: refuse one that holds a run unless ``resume`` (continue it: it must hold a
+    checkpoint) or ``overwrite`` (remove it whole first). A folder that holds no run is used as it is."""
+    folder = Path(folder)
+    if resume and overwrite:
+        raise EstaError("--resume continues the run in the output folder and --overwrite deletes it: give one")
+    if folder.exists() and not folder.is_dir():
+        raise EstaError(f"output folder {folder} is a file")
+    if resume:
+        if not (folder / "checkpoint" / "state.json").is_file():
+            raise EstaError(f"nothing to resume: {folder} holds no checkpoint (checkpoint/state.json)")
+        return folder
+    if holds_run(folder):
+        if not overwrite:
+            raise EstaError(f"{folder} already holds a run: give --resume to continue it, --overwrite to replace it, "
+                            f"or another --out")
+        shutil.rmtree(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".esta-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise EstaError(f"cannot write to output folder {folder}: {e.strerror or e}") from e
+    return folder
