@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,10 +14,11 @@ from conftest import save_tiny
 from esta.space import build_space
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
+TEST_CACHE = Path(tempfile.gettempdir()) / "esta-test-cache"  # built-in data and probes; never the checkout
 
 
 def esta(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": SRC, "ESTA_CACHE": str(cwd or Path.cwd())}
+    env = {**os.environ, "PYTHONPATH": SRC, "ESTA_CACHE": str(cwd or TEST_CACHE)}
     return subprocess.run([sys.executable, "-m", "esta.cli", *args], capture_output=True, text=True, env=env,
                           cwd=cwd, timeout=300)
 

@@ -41,3 +41,20 @@ def test_head_features_are_what_the_head_sees(vit_family):
     x = toy_task(n=8).images
     with torch.no_grad():
         torch.testing.assert_close(anchor.classifier(head_features(anchor, x)), anchor(x))
+
+
+def test_a_cached_probe_is_the_same_head_and_other_data_is_another_entry(vit_family, tmp_path):
+    train = toy_task(n=60, seed=0)
+    first, again, other = (load_family(vit_family[:2], num_labels=3)[0] for _ in range(3))
+    r1 = probe_head(first, train.images, train.labels, classes=3, cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("*.safetensors"))) == 1
+    r2 = probe_head(again, train.images, train.labels, classes=3, cache_dir=tmp_path)
+    assert r1 == r2
+    torch.testing.assert_close(first.task_head().weight, again.task_head().weight, rtol=0, atol=0)
+    probe_head(other, train.images[:30], train.labels[:30], classes=3, cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("*.safetensors"))) == 2
+    for f in tmp_path.glob("*.safetensors"):  # a damaged entry is refitted, not trusted
+        f.write_bytes(b"junk")
+    r3 = probe_head(load_family(vit_family[:2], num_labels=3)[0], train.images, train.labels, classes=3,
+                    cache_dir=tmp_path)
+    assert r3 == r1

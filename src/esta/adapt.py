@@ -20,7 +20,7 @@ import torch
 
 from .checkpoint import load_adaptation, load_sampler_state
 from .cost import count_costs
-from .data import TensorImageDataset, load_image_task, stratified_split
+from .data import TensorImageDataset, default_cache_dir, load_image_task, stratified_split
 from .deploy import Choice, DeployedStitch, check_budgets, choose
 from .errors import EstaError
 from .evaluate import accuracy, largest_drop, spearman, sweep
@@ -190,7 +190,9 @@ def adapt(config: AdaptConfig) -> dict:
     if config.budgets:
         check_budgets([b * 1e9 for b in config.budgets], flops, unit=1e9, name=" GFLOPs")
     # the heads start as linear probes only now, after every check that can refuse the run (they log a line each)
-    probes = probe_heads(anchors, task, config.probe_examples, seed) if head_init == "probe" else []
+    probe_cache = Path(config.cache_dir).expanduser() if config.cache_dir else default_cache_dir()
+    probes = probe_heads(anchors, task, config.probe_examples, seed, probe_cache / "probes") \
+        if head_init == "probe" else []
     if probes and config.sweep:  # each probe alone on the evaluation set: the cheapest thing a user would try
         for a, p in zip(anchors, probes):
             was_training = a.training
@@ -294,14 +296,15 @@ def compare_alone(results: dict, config: AdaptConfig, methods: list[str]) -> lis
     return results["references"]
 
 
-def probe_heads(anchors, task, max_examples: int, seed: int) -> list[dict]:
-    """Fit every anchor's new head as a linear probe of its frozen features (see ``probe``)."""
+def probe_heads(anchors, task, max_examples: int, seed: int, cache_dir: Path | None = None) -> list[dict]:
+    """Fit every anchor's new head as a linear probe of its frozen features (see ``probe``; reused from
+    ``cache_dir`` when the same anchor was probed on the same examples before)."""
     n = min(max_examples, len(task.train))
     idx = stratified_split(task.train.labels, n, seed + 13)[0] if n < len(task.train) else range(n)
     data = materialize(task.train, idx)
     out = []
     for a in anchors:
-        r = probe_head(a, data.images, data.labels, len(task.classes), seed=seed)
+        r = probe_head(a, data.images, data.labels, len(task.classes), seed=seed, cache_dir=cache_dir)
         out.append({"anchor": a.source, "l2": r.l2, "train_accuracy": r.train_accuracy,
                     "cv_accuracy": r.cv_accuracy})
     return out

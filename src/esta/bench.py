@@ -69,9 +69,11 @@ class BenchConfig:
     @classmethod
     def quick(cls, **kw) -> "BenchConfig":
         """A smoke run of the same pipeline (≤ 10 minutes on 2 cores): one seed, few steps, small evaluation sets,
-        no learning-rate sweep."""
+        no learning-rate sweep, and the comparison a user needs first (ESTA, SN-Net, each anchor tuned alone, each
+        anchor's probe). The two ablations need several seeds to separate from noise: the full bench runs them."""
         return cls(**{"seeds": [0], "steps": 40, "eval_examples": 200, "validation_examples": 100,
-                      "lr_sweep": False, "regret_methods": ["esta"], **kw})
+                      "lr_sweep": False, "regret_methods": ["esta"],
+                      "methods": ["esta", "snnet", "anchors-lora", "linear-probe"], **kw})
 
 
 def _run(cfg: BenchConfig, task: str, method: str, seed: int, lr: float, out: Path, sweep: bool = True) -> dict:

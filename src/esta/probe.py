@@ -14,14 +14,20 @@ head's weight and bias, so the result is an ordinary ``nn.Linear``.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from .errors import EstaError
+from .files import atomic_write
 
 log = logging.getLogger("esta.probe")
 
@@ -110,13 +116,53 @@ def fit_probe(features: torch.Tensor, labels: torch.Tensor, classes: int, folds:
     return weight.float(), bias.float(), ProbeResult(best, train_acc, scores[best])
 
 
-def probe_head(anchor, images: torch.Tensor, labels: torch.Tensor, classes: int, seed: int = 0) -> ProbeResult:
-    """Replace ``anchor``'s task head by a linear probe of its frozen features on (images, labels)."""
+def _cache_key(anchor, head: nn.Module, images: torch.Tensor, labels: torch.Tensor, classes: int, seed: int) -> str:
+    """SHA-256 of everything the probe depends on: the frozen weights the features come from, the examples, the
+    labels and the fitting settings. Hashing ~30 MB of weights costs tens of milliseconds; the probe, seconds."""
+    h = hashlib.sha256()
+    skip = {id(p) for p in head.parameters()}
+    for name, t in anchor.state_dict(keep_vars=True).items():
+        if id(t) not in skip:
+            h.update(name.encode())
+            h.update(t.detach().contiguous().cpu().view(-1).view(torch.uint8).numpy().tobytes())
+    for t in (images, torch.as_tensor(labels, dtype=torch.long)):
+        h.update(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    h.update(json.dumps({"classes": classes, "seed": seed, "grid": L2_GRID, "version": 1}).encode())
+    return h.hexdigest()
+
+
+def probe_head(anchor, images: torch.Tensor, labels: torch.Tensor, classes: int, seed: int = 0,
+               cache_dir: Path | None = None) -> ProbeResult:
+    """Replace ``anchor``'s task head by a linear probe of its frozen features on (images, labels).
+
+    With ``cache_dir`` a fitted probe is kept there (safetensors, keyed by a hash of the weights, data and
+    settings) and reused: every method of a bench, and every rerun of a demo, fits the same probes."""
     head = anchor.task_head()
     if not isinstance(head, nn.Linear):
         raise EstaError(f"anchor {anchor.source} has no linear task head to initialise by a probe")
-    feats = head_features(anchor, images)
-    weight, bias, result = fit_probe(feats, labels, classes, seed=seed)
+    path = cached = None
+    if cache_dir is not None:
+        path = Path(cache_dir) / f"{_cache_key(anchor, head, images, labels, classes, seed)}.safetensors"
+        if path.is_file():
+            try:
+                with safe_open(str(path), "pt") as f:
+                    cached = ({k: f.get_tensor(k) for k in f.keys()}, f.metadata())
+            except Exception:  # a damaged cache entry is refitted, never trusted
+                cached = None
+    if cached is not None:
+        tensors, meta = cached
+        weight, bias = tensors["weight"], tensors["bias"]
+        result = ProbeResult(float(meta["l2"]), float(meta["train_accuracy"]), float(meta["cv_accuracy"]))
+    else:
+        feats = head_features(anchor, images)
+        weight, bias, result = fit_probe(feats, labels, classes, seed=seed)
+        if path is not None:
+            try:
+                atomic_write(path, lambda p: save_file({"weight": weight.contiguous(), "bias": bias.contiguous()},
+                                                       str(p), metadata={k: repr(v) for k, v in
+                                                                         asdict(result).items()}))
+            except OSError as e:  # a read-only cache costs time, not the run
+                log.warning("could not cache the probe in %s: %s", path.parent, e)
     with torch.no_grad():
         head.weight.copy_(weight.to(head.weight.dtype))
         head.bias.copy_(bias.to(head.bias.dtype))
