@@ -4,12 +4,12 @@ import json
 import sys
 from pathlib import Path
 
+from helpers import build, toy_task
 from safetensors.torch import save_file
 from transformers.utils import logging as hf_logging
 
 from esta.importance import SamplingConfig
 from esta.train import TrainConfig, classification_loss, make_accelerator, train
-from test_train_deploy import build, toy_task
 
 hf_logging.set_verbosity_error()
 hf_logging.disable_progress_bar()

@@ -3,11 +3,10 @@ import math
 
 import pytest
 import torch
+from helpers import SHAPES, image_folder, save_tiny
 
-from conftest import SHAPES, save_tiny
 from esta.analysis import GradAngleConfig, grad_angles, pairwise_angles
 from esta.errors import EstaError
-from test_cli import image_folder
 
 
 def test_pairwise_angles_use_only_shared_parameters():

@@ -1,7 +1,8 @@
 import json
 
+from helpers import image_folder
+
 from esta.bench import BenchConfig, run_bench, slug
-from test_cli import image_folder
 
 FIELDS = {"group_accuracy", "mean_accuracy", "train_seconds", "trainable_params", "peak_rss_mb", "deploy_seconds",
           "mean_regret", "deployed", "anchors"}

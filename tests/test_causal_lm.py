@@ -1,12 +1,12 @@
 import pytest
 import torch
+from lm_fixtures import WORDS, save_tiny_lm
 
 from esta.deploy import DeployedStitch
 from esta.errors import EstaError
 from esta.families import load_family
 from esta.palette import Palette
 from esta.pst import PSTConfig
-from lm_fixtures import WORDS, save_tiny_lm
 
 
 @pytest.fixture(scope="module")

@@ -1,46 +1,12 @@
 """Bad input gets one clear ``esta: error:`` line and a non-zero exit: no traceback, nothing else on stderr."""
 
 import json
-import os
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import pytest
-from PIL import Image
+from helpers import esta, image_folder, one_error_line, save_tiny
 
-from conftest import save_tiny
 from esta.space import build_space
-
-SRC = str(Path(__file__).resolve().parents[1] / "src")
-TEST_CACHE = Path(tempfile.gettempdir()) / "esta-test-cache"  # built-in data and probes; never the checkout
-
-
-def esta(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": SRC, "ESTA_CACHE": str(cwd or TEST_CACHE)}
-    return subprocess.run([sys.executable, "-m", "esta.cli", *args], capture_output=True, text=True, env=env,
-                          cwd=cwd, timeout=300)
-
-
-def one_error_line(result: subprocess.CompletedProcess, *words: str) -> str:
-    assert result.returncode != 0
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("esta: error: "), result.stderr
-    for w in words:
-        assert w in lines[0], lines[0]
-    assert "Traceback" not in result.stderr + result.stdout
-    return lines[0]
-
-
-def image_folder(root: Path, per_class: int = 4, size: int = 10) -> Path:
-    for split in ("train", "test"):
-        for k, colour in enumerate((30, 220)):
-            d = root / split / f"class{k}"
-            d.mkdir(parents=True)
-            for i in range(per_class):
-                Image.new("L", (size, size), colour + i).save(d / f"{i}.png")
-    return root
 
 
 def test_anchors_with_different_patch_size(tmp_path):

@@ -2,14 +2,22 @@ import json
 
 import pytest
 import torch
+from lm_fixtures import save_tiny_lm
 from transformers import AutoTokenizer
 
 from esta.errors import EstaError
 from esta.families import load_family
-from esta.instruct import IGNORE, build_dataset, collate, encode, lm_loss, load_records, prompt_text
+from esta.instruct import (
+    IGNORE,
+    build_dataset,
+    collate,
+    encode,
+    lm_loss,
+    load_records,
+    prompt_text,
+)
 from esta.palette import Palette
 from esta.pst import PSTConfig
-from lm_fixtures import save_tiny_lm
 
 RECORDS = [{"instruction": "w1 w2", "input": "w3", "output": "w4 w5 w6"},
            {"instruction": "w7", "output": "w8"}]

@@ -4,12 +4,12 @@ import subprocess
 import sys
 
 import datasets
+from helpers import SRC
+from lm_fixtures import save_tiny_lm
 
 from esta.importance import SamplingConfig
 from esta.lm_adapt import LMAdaptConfig, adapt_lm
 from esta.train import TrainConfig
-from lm_fixtures import save_tiny_lm
-from test_cli import SRC
 
 
 def test_instruction_tuning_a_tiny_llama_family_end_to_end(tmp_path):
@@ -61,12 +61,13 @@ def test_instruction_tuning_a_tiny_llama_family_end_to_end(tmp_path):
 
 def test_llm_stitches_score_zero_before_training(tmp_path):
     # why lm-train skips the importance scoring batch: every stitch's SNIP score is exactly 0 before training
+    from transformers import AutoTokenizer
+
     from esta.families import load_family
     from esta.importance import snip_score
     from esta.instruct import build_dataset, collate, lm_loss
     from esta.palette import Palette
     from esta.pst import PSTConfig
-    from transformers import AutoTokenizer
 
     family = [save_tiny_lm(tmp_path / "a", "llama", 32, 3, 4, 2, seed=0),
               save_tiny_lm(tmp_path / "b", "qwen2", 48, 4, 6, 3, seed=1)]

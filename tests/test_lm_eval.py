@@ -4,11 +4,18 @@ import datasets
 import pytest
 import torch
 import torch.nn.functional as F
+from lm_fixtures import save_tiny_lm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from esta.errors import EstaError
-from esta.lm_eval import MCItem, continuation_logprob, mc_accuracy, mc_items, perplexity, text_batches
-from lm_fixtures import save_tiny_lm
+from esta.lm_eval import (
+    MCItem,
+    continuation_logprob,
+    mc_accuracy,
+    mc_items,
+    perplexity,
+    text_batches,
+)
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from helpers import image_folder
 
 from esta.adapt import AdaptConfig, adapt, held_out_sets, load_run
 from esta.data import TensorImageDataset
@@ -9,7 +10,6 @@ from esta.errors import EstaError
 from esta.importance import SamplingConfig
 from esta.methods import METHODS, get_method
 from esta.train import TrainConfig
-from test_cli import image_folder
 
 
 def run(tmp_path, family, method: str, **kw) -> dict:

@@ -6,10 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mp_worker
 import torch
 from safetensors.torch import load_file
-
-import mp_worker
 
 TESTS = Path(__file__).resolve().parent
 

@@ -1,10 +1,10 @@
 from pathlib import Path
 
 import torch
+from transformers import ViTForImageClassification
 
 from esta.pretrain import _load_resume, _save_resume, mini_config
 from esta.train import warmup_cosine
-from transformers import ViTForImageClassification
 
 
 def parts(seed: int = 0):

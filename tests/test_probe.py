@@ -1,10 +1,10 @@
 """Linear-probe heads: fitted on frozen features, folded into an ordinary nn.Linear, better than a random head."""
 
 import torch
+from helpers import toy_task
 
 from esta.families import load_family
 from esta.probe import fit_probe, head_features, probe_head
-from test_train_deploy import toy_task
 
 
 def accuracy(anchor, data) -> float:

@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from test_cli import SRC, esta, image_folder
+from helpers import SRC, esta, image_folder
 
 TRAIN = ["--batch-size", "8", "--groups", "3", "--no-progress"]
 

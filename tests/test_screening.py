@@ -2,13 +2,13 @@ import math
 
 import pytest
 import torch
+from lm_fixtures import WORDS, save_tiny_lm
 
 from esta.errors import EstaError
 from esta.families import load_family
 from esta.instruct import lm_loss
 from esta.palette import Palette
 from esta.screening import screen_stitches
-from lm_fixtures import WORDS, save_tiny_lm
 
 
 def batches(palette, n=2, t=9):

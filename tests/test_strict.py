@@ -12,11 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import SRC, esta, image_folder, save_tiny
 from safetensors.torch import load_file
 
-from conftest import save_tiny
 from esta.deploy import CONFIG_NAME
-from test_cli import SRC, esta, image_folder
 
 TRAIN = ["--batch-size", "8", "--groups", "3", "--no-progress"]
 

@@ -2,33 +2,15 @@ import json
 
 import pytest
 import torch
+from helpers import build, toy_task
 
 from esta.cost import count_costs
-from esta.data import TensorImageDataset
 from esta.deploy import DeployedStitch, choose
 from esta.families import load_family
 from esta.importance import SamplingConfig
 from esta.palette import Palette
 from esta.pst import PSTConfig
 from esta.train import TrainConfig, classification_loss, train
-
-
-def toy_task(n=48, classes=3, seed=0):
-    """Noisy images whose class is their brightness: learnable in a few steps even by a model blind to position
-    (a random DeiT's position embeddings are zero)."""
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.arange(n) % classes
-    images = torch.randint(0, 80, (n, 1, 8, 8), generator=g) + 80 * labels.view(n, 1, 1, 1)
-    return TensorImageDataset(images.to(torch.uint8), labels)
-
-
-def build(paths, data, pst=None, seed=0):
-    torch.manual_seed(seed)
-    palette = Palette(load_family(paths, num_labels=3))
-    palette.init_stitching(data.images[:32])
-    flops = [float(c.flops) for c in count_costs(palette, data.images[:1], progress=False)]
-    palette.apply_pst(pst or PSTConfig())
-    return palette, flops
 
 
 @pytest.mark.parametrize("family", ["vit_family", "deit_family"])

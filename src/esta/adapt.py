@@ -24,7 +24,7 @@ from .data import TensorImageDataset, default_cache_dir, load_image_task, strati
 from .deploy import Choice, DeployedStitch, check_budgets, choose
 from .errors import EstaError
 from .evaluate import accuracy, largest_drop, spearman, sweep
-from .files import claim_out_dir, write_json
+from .files import claim_out_dir, log_to, write_json
 from .families import MINI_FAMILY, anchor_names, load_family
 from .importance import SamplingConfig, budget_groups
 from .methods import get_method
@@ -32,6 +32,7 @@ from .palette import Palette
 from .pst import PSTConfig
 from .report import pareto_plot, write_results
 from .probe import probe_head
+from .provenance import environment
 from .train import TrainConfig, TrainResult, candidate_groups, train, untrained_result
 
 log = logging.getLogger("esta")
@@ -153,12 +154,18 @@ def materialize(dataset, indices) -> TensorImageDataset:
 
 
 def adapt(config: AdaptConfig) -> dict:
+    """The whole job; its log also goes to ``OUT/esta.log``."""
     config.check()
-    method = get_method(config.method)
-    deploy_by = config.deploy_rule()
     out = claim_out_dir(config.out_dir, resume=config.resume, overwrite=config.overwrite)
     if config.resume:
         check_resumable(out, config)
+    with log_to(out / "esta.log"):
+        return _adapt(config, out)
+
+
+def _adapt(config: AdaptConfig, out: Path) -> dict:
+    method = get_method(config.method)
+    deploy_by = config.deploy_rule()
     seed = config.train.seed
     torch.manual_seed(seed)
 
@@ -209,7 +216,7 @@ def adapt(config: AdaptConfig) -> dict:
     write_json(out / "run.json", {
         "config": config.to_dict(), "classes": task.classes, "task": task.name,
         "flops": [c.flops for c in costs], "params": [c.params for c in costs],
-        "space": palette.space.to_dict()})
+        "space": palette.space.to_dict(), "environment": environment()})
 
     # 3. one training run for the whole palette (for anchors-lora: each anchor, as many steps each)
     trained = palette.space.anchor_ids() if method.anchors_only else None

@@ -111,12 +111,10 @@ def grad_angles(cfg: GradAngleConfig) -> dict:
 
 
 def _histogram(angles: dict[str, list[float]], results: dict, path: Path) -> None:
-    import matplotlib
+    from matplotlib.figure import Figure  # object API: no backend switch (see report.py)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4), dpi=120)
+    fig = Figure(figsize=(6.5, 4), dpi=120)
+    ax = fig.subplots()
     bins = list(range(0, 181, 5))
     for role, colour in (("source", "tab:blue"), ("target", "crimson")):
         r = results["tasks"][role]
@@ -129,4 +127,3 @@ def _histogram(angles: dict[str, list[float]], results: dict, path: Path) -> Non
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)

@@ -9,11 +9,13 @@ it whole (``overwrite``), so two runs' files are never mixed.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from .errors import EstaError
 
@@ -73,3 +75,26 @@ def claim_out_dir(folder: str | Path, *, resume: bool = False, overwrite: bool =
     except OSError as e:
         raise EstaError(f"cannot write to output folder {folder}: {e.strerror or e}") from e
     return folder
+
+
+@contextmanager
+def log_to(path: Path) -> Iterator[None]:
+    """Also write esta's log (INFO and up, with times) to ``path`` while the block runs; appends, so a resumed run
+    continues the same file."""
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setLevel(logging.INFO)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
+    logger = logging.getLogger("esta")
+    logger.addHandler(handler)
+    old_level = logger.level
+    if logger.getEffectiveLevel() > logging.INFO:
+        logger.setLevel(logging.INFO)
+    try:
+        yield
+    except Exception as e:  # the reason a run stopped belongs in its log too (to the file only: the CLI prints it)
+        handler.handle(logger.makeRecord(logger.name, logging.ERROR, __file__, 0, "run stopped: %s", (e,), None))
+        raise
+    finally:
+        logger.setLevel(old_level)
+        logger.removeHandler(handler)
+        handler.close()

@@ -25,12 +25,13 @@ from transformers import AutoTokenizer
 from .cost import count_costs
 from .deploy import DeployedStitch, check_budgets, choose
 from .errors import EstaError
-from .files import claim_out_dir, write_json
+from .files import claim_out_dir, log_to, write_json
 from .families import load_family
 from .importance import SamplingConfig
 from .instruct import IGNORE, build_dataset, collate, lm_loss, load_records
 from .lm_eval import MC_SETS, mc_accuracy, mc_items, perplexity, text_batches
 from .palette import Palette
+from .provenance import environment
 from .pst import PSTConfig
 from .screening import screen_stitches
 from .train import TrainConfig, peak_rss_mb, train
@@ -95,6 +96,11 @@ def adapt_lm(cfg: LMAdaptConfig) -> dict:
     cfg.pst.check()
     cfg.train.check()
     out = claim_out_dir(cfg.out_dir, resume=cfg.resume, overwrite=cfg.overwrite)
+    with log_to(out / "esta.log"):
+        return _adapt_lm(cfg, out)
+
+
+def _adapt_lm(cfg: LMAdaptConfig, out: Path) -> dict:
     records = load_records(cfg.data)
     anchors = load_family(cfg.anchors, dtype=getattr(torch, cfg.dtype))
     if anchors[0].family != "causal-lm":
@@ -149,7 +155,8 @@ def adapt_lm(cfg: LMAdaptConfig) -> dict:
     write_json(out / "run.json", {"config": cfg.to_dict(), "params": params,
                                   "flops_32_tokens": [c.flops for c in costs],
                                   "space": palette.space.to_dict(),
-                                  "screening": screening.to_dict(palette) if screening else None})
+                                  "screening": screening.to_dict(palette) if screening else None,
+                                  "environment": environment()})
 
     result = train(palette, train_set, params, cfg.train, loss_fn=lm_loss, out_dir=out, resume=cfg.resume,
                    collate_fn=lambda b: collate(b, pad), progress=cfg.progress,
@@ -261,15 +268,13 @@ def flag_outside_anchors(deployed: list[dict], anchors: list[dict], mc_questions
 
 
 def plot_lm(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # object API: no backend switch (see report.py)
     from matplotlib.ticker import FormatStrFormatter
 
     metrics = [m for m in ("perplexity", "mc_accuracy") if any(r.get(m) is not None for r in results["anchors"])]
     n_mc = sum(results.get("samples", {}).get("mc_examples", {}).values())
-    fig, axes = plt.subplots(1, max(1, len(metrics)), figsize=(5 * max(1, len(metrics)), 3.8), dpi=120)
+    fig = Figure(figsize=(5 * max(1, len(metrics)), 3.8), dpi=120)
+    axes = fig.subplots(1, max(1, len(metrics)))
     axes = [axes] if not hasattr(axes, "__len__") else list(axes)
     for ax, m in zip(axes, metrics):
         a = [r for r in results["anchors"] if r.get(m) is not None]
@@ -291,4 +296,3 @@ def plot_lm(results: dict, path: Path) -> None:
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)

@@ -21,6 +21,7 @@ from transformers import ViTConfig, ViTForImageClassification
 
 from .data import load_image_task
 from .evaluate import accuracy
+from .provenance import environment
 from .train import warmup_cosine
 
 log = logging.getLogger("esta.pretrain")
@@ -164,30 +165,6 @@ def _load_resume(folder: Path, model, opt, sched, gen: torch.Generator) -> tuple
     gen.set_state(state["gen"])
     log.info("resuming pretraining from %s after epoch %d", folder, state["epoch"])
     return int(state["epoch"]), float(state["seconds"])
-
-
-def environment() -> dict:
-    """Versions, hardware and threads: what a timing in pretraining.json was measured on."""
-    import os
-    import platform
-
-    import transformers
-
-    return {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
-            "machine": platform.machine(), "processor": _cpu_name(), "cpus": os.cpu_count(),
-            "threads": torch.get_num_threads()}
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor()
 
 
 def pretrain(out_dir: str | Path, names: list[str] | None = None, config: PretrainConfig | None = None,

@@ -99,8 +99,16 @@ class StitchLinear(nn.Module):
         return self.base.out_features
 
     def own_bias(self, stitch: int) -> nn.Parameter | None:
+        """The bias of ``stitch`` (None where this layer has no biases). A stitch that does not run this layer has
+        none: running it here is a bug in the caller (e.g. no stitch selected), so it raises instead of silently
+        running without the bias."""
+        if self.bias_mode == "none":
+            return None
         key = "shared" if self.bias_mode == "shared" else str(stitch)
-        return self.stitch_bias[key] if key in self.stitch_bias else None
+        if key not in self.stitch_bias:
+            raise EstaError(f"stitch {stitch} does not run this layer (no stitch selected, or a stitch from another "
+                            f"palette): select one with palette(x, stitch=...)")
+        return self.stitch_bias[key]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         own = self.own_bias(self.active.id)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-import matplotlib
+from matplotlib import colormaps
+from matplotlib.figure import Figure
 
 from .files import atomic_write, write_json
 
-matplotlib.use("Agg")  # files only; never needs a display
-import matplotlib.pyplot as plt  # noqa: E402
+# Figures are built with matplotlib's object API (Figure, not pyplot): it draws to files with the Agg canvas
+# without switching the process's backend, so importing esta changes nothing in the user's matplotlib.
 
 STITCH_COLUMNS = ["id", "name", "is_anchor", "front", "end", "flops", "params", "accuracy", "importance",
                   "updates", "train_loss", "validation_accuracy", "group", "deployed"]
@@ -30,9 +31,10 @@ def write_results(results: dict, out_dir: Path) -> None:
 def pareto_plot(results: dict, path: Path, title: str = "") -> None:
     """Every stitch as a dot, anchors as stars, deployed stitches ringed and joined: accuracy vs GFLOPs."""
     stitches = [s for s in results["stitches"] if s.get("accuracy") is not None]
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    fig = Figure(figsize=(7, 4.5), dpi=120)
+    ax = fig.subplots()
     pairs = sorted({(s["front"], s["end"]) for s in stitches if not s["is_anchor"]})
-    cmap = plt.get_cmap("tab10")
+    cmap = colormaps["tab10"]
     for k, (a, b) in enumerate(pairs):
         pts = [s for s in stitches if not s["is_anchor"] and (s["front"], s["end"]) == (a, b)]
         ax.scatter([s["flops"] / 1e9 for s in pts], [100 * s["accuracy"] for s in pts], s=14, alpha=0.55,
@@ -69,13 +71,13 @@ def pareto_plot(results: dict, path: Path, title: str = "") -> None:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda p: fig.savefig(p, format=path.suffix.lstrip(".") or "png"))
-    plt.close(fig)
 
 
 def bench_plot(methods: dict, path: Path, title: str = "") -> None:
     """One task of a bench: each method's deployed network per budget (mean over seeds, bars: ± one standard
     deviation), the anchors tuned alone and their linear probes as named markers."""
-    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
+    fig = Figure(figsize=(7.5, 4.8), dpi=120)
+    ax = fig.subplots()
     styles = {"esta": ("crimson", "-o"), "esta-uniform": ("tab:orange", "--s"), "esta-shared-bias": ("tab:purple", ":^"),
               "snnet": ("tab:blue", "-D"), "snnet-groups": ("tab:cyan", "--D")}
     singles = {"anchors-lora": ("goldenrod", "*", 220), "linear-probe": ("tab:gray", "P", 90)}
@@ -109,4 +111,3 @@ def bench_plot(methods: dict, path: Path, title: str = "") -> None:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda p: fig.savefig(p, format=path.suffix.lstrip(".") or "png"))
-    plt.close(fig)

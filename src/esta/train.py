@@ -7,6 +7,7 @@ launch option (``accelerate launch --num_processes N``), not another code path.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import resource
@@ -54,6 +55,7 @@ class TrainConfig:
     #: compute the SNIP score after every backward; methods that neither sample nor deploy by importance skip it
     track_importance: bool = True
     checkpoint_every: int = 200  # steps; 0 = only at the end
+    log_every: int = 10  # steps between lines of OUT/loss.jsonl (0: none)
     num_workers: int = 0
 
     def to_dict(self) -> dict:
@@ -73,7 +75,7 @@ class TrainConfig:
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise EstaError(f"weight decay must be >= 0, got {self.weight_decay:g}")
         for name, v in (("warmup steps", self.warmup_steps), ("checkpoint_every", self.checkpoint_every),
-                        ("num_workers", self.num_workers)):
+                        ("log_every", self.log_every), ("num_workers", self.num_workers)):
             if v < 0:
                 raise EstaError(f"{name} must be >= 0, got {v}")
         self.sampling.check()
@@ -263,6 +265,8 @@ def train(palette: Palette, train_set: Dataset, costs: list[float], config: Trai
             optimizer.zero_grad(set_to_none=True)
         sampler.initialise(scores)
 
+    history = LossHistory(Path(out_dir) / "loss.jsonl" if out_dir is not None and config.log_every
+                          and accelerator.is_main_process else None, start_step)
     bar = tqdm(total=total_steps, initial=start_step, desc="training palette",
                disable=not progress or not accelerator.is_main_process)
     loss_value = float("nan")
@@ -285,6 +289,10 @@ def train(palette: Palette, train_set: Dataset, costs: list[float], config: Trai
         bar.update(1)
         bar.set_postfix(loss=f"{ema:.3f}", stitch=stitch, lr=f"{scheduler.get_last_lr()[0]:.1e}")
         done = step + 1
+        if config.log_every and (done % config.log_every == 0 or done == total_steps):
+            history.write({"step": done, "stitch": stitch, "loss": loss_value, "loss_ema": ema,
+                           "lr": scheduler.get_last_lr()[0],
+                           "seconds": round(seconds_before + time.perf_counter() - start_time, 3)})
         if ckpt_dir is not None and accelerator.is_main_process and (
             done == total_steps or (config.checkpoint_every and done % config.checkpoint_every == 0)
         ):
@@ -293,6 +301,7 @@ def train(palette: Palette, train_set: Dataset, costs: list[float], config: Trai
                              "seconds": seconds_before + time.perf_counter() - start_time,
                              "config": config.to_dict()})
     bar.close()
+    history.close()
     accelerator.wait_for_everyone()
     return TrainResult(
         steps=total_steps,
@@ -307,6 +316,35 @@ def train(palette: Palette, train_set: Dataset, costs: list[float], config: Trai
         groups=groups,
         train_loss=[float(v) if n else None for v, n in zip(sampler.train_loss, sampler.updates)],
     )
+
+
+class LossHistory:
+    """``loss.jsonl``: one JSON line every few steps. A resumed run first drops the lines after its checkpoint,
+    so the file reads as one uninterrupted run."""
+
+    def __init__(self, path: Path | None, start_step: int) -> None:
+        self.file = None
+        if path is None:
+            return
+        kept = []
+        if start_step and path.is_file():
+            for line in path.read_text().splitlines():
+                try:
+                    if json.loads(line)["step"] <= start_step:
+                        kept.append(line)
+                except (ValueError, KeyError, TypeError):
+                    break  # a line torn by the crash: nothing after it is kept
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(k + "\n" for k in kept))
+        self.file = open(path, "a", buffering=1)  # line-buffered: a crash loses at most the line being written
+
+    def write(self, record: dict) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps(record) + "\n")
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
 
 
 def _grad_norm(params: list[torch.nn.Parameter]) -> float:
