@@ -75,3 +75,24 @@ def test_ridge_least_squares_shrinks_the_weight_but_not_the_bias():
     w_big, b_big = least_squares(x, y, ridge=1e4)
     assert w_big.norm() < 0.01 * w0.norm()  # a huge ridge sends W to zero ...
     torch.testing.assert_close(b_big, y.double().mean(0), atol=1e-2, rtol=1e-2)  # ... and the bias to mean(y)
+
+
+def test_weighted_least_squares_fits_the_heavy_rows_better():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 4, generator=g)
+    y = x @ torch.randn(4, 3, generator=g) + torch.randn(200, 3, generator=g)  # no exact linear fit
+    heavy = torch.zeros(200, dtype=torch.bool)
+    heavy[::10] = True
+    err = lambda w, b: ((x @ w.t() + b - y) ** 2).sum(-1)  # noqa: E731
+    plain = err(*least_squares(x, y))
+    weighted = err(*least_squares(x, y, weight=torch.where(heavy, 50.0, 1.0)))
+    assert weighted[heavy].mean() < plain[heavy].mean() and weighted[~heavy].mean() > plain[~heavy].mean()
+    torch.testing.assert_close(err(*least_squares(x, y, weight=torch.full((200,), 3.0))), plain)
+
+
+def test_the_cls_token_gets_its_share_of_the_stitching_fit(vit_family):
+    anchor = load_family(vit_family, num_labels=3)[0]
+    h = torch.zeros(2, 5, 16)
+    assert anchor.token_weights(h, 0.0) is None
+    w = anchor.token_weights(h, 0.5)
+    assert w.shape == (2, 5) and torch.allclose(w[:, 0], w[:, 1:].sum(-1))  # CLS weighs as much as all patches

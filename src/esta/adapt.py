@@ -52,6 +52,8 @@ class AdaptConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     budgets: list[float] | None = None  # GFLOPs; None: one deployment per budget group
     calibration_examples: int = 64
+    #: the [CLS] token's share of the least-squares fit of the stitching layers (0: all tokens equal, SN-Net's fit)
+    stitch_cls_weight: float = 0.5
     eval_examples: int | None = 2000  # stratified subset of the test split for every accuracy; None = all
     #: held out from the test split before the evaluation subset is drawn, so the two never overlap; only methods
     #: that choose by validation (SN-Net's sweep, anchors-lora) look at it. Capped at a quarter of the test split.
@@ -89,6 +91,8 @@ class AdaptConfig:
                 raise EstaError(f"{name} must be at least 1, got {v}")
         if self.eval_examples is not None and self.eval_examples < 1:
             raise EstaError(f"evaluation examples must be at least 1 (or all), got {self.eval_examples}")
+        if not 0 <= self.stitch_cls_weight < 1:
+            raise EstaError(f"stitch_cls_weight must be in [0, 1), got {self.stitch_cls_weight}")
         if self.validation_examples < 0:
             raise EstaError(f"validation examples must be >= 0, got {self.validation_examples}")
         if self.head_init not in ("probe", "random"):
@@ -191,7 +195,7 @@ def _adapt(config: AdaptConfig, out: Path) -> dict:
     calib_n = min(config.calibration_examples, len(task.train))
     calib = materialize(task.train, stratified_split(task.train.labels, calib_n, seed + 7)[0]
                         if calib_n < len(task.train) else range(calib_n))
-    palette.init_stitching(calib.images)
+    palette.init_stitching(calib.images, summary_weight=config.stitch_cls_weight)
     costs = count_costs(palette, calib.images[:1], progress=config.progress)
     flops = [float(c.flops) for c in costs]
     if config.budgets:

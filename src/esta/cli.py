@@ -89,7 +89,8 @@ def _adapt_config(args: argparse.Namespace, **overrides):
                overwrite=args.overwrite,
                validation_sweep=args.validation_sweep, progress=not args.no_progress,
                **given(head_init=args.head_init, deploy_by=args.deploy_by,
-                       calibration_examples=args.calibration_examples))
+                       calibration_examples=args.calibration_examples,
+                       stitch_cls_weight=args.stitch_cls_weight))
     cfg.update(overrides)
     return AdaptConfig(**cfg)
 
@@ -344,6 +345,8 @@ def _train_args(p: argparse.ArgumentParser, out: str, epochs: float, compare: st
                    help="new task heads start as linear probes of frozen features, or random")
     p.add_argument("--calibration-examples", type=int, default=None,
                    help="training images the stitching layers are fitted on by least squares (default 64)")
+    p.add_argument("--stitch-cls-weight", type=float, default=None,
+                   help="the [CLS] token's share of the stitching layers' least-squares fit (0: all tokens equal)")
     p.add_argument("--head-lr-scale", type=float, default=None,
                    help="the new task heads' learning rate as a multiple of --lr (probe-started heads: gently)")
     p.add_argument("--deploy-by", choices=["importance", "loss", "validation"], default=None,

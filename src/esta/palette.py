@@ -63,10 +63,13 @@ class Palette(nn.Module):
         return run_stitch(self.anchors[s.front], self.anchors[s.end], layer, s, inputs)
 
     @torch.no_grad()
-    def init_stitching(self, inputs: Any, ridge: float = 0.0, progress: bool = False) -> None:
-        """Least-squares init of every stitching layer on one calibration batch (``ridge``: see least_squares)."""
+    def init_stitching(self, inputs: Any, ridge: float = 0.0, progress: bool = False,
+                       summary_weight: float = 0.0) -> None:
+        """Least-squares init of every stitching layer on one calibration batch (``ridge``: see least_squares;
+        ``summary_weight``: see ``Anchor.token_weights``)."""
         hidden, masks = zip(*(a.hidden_states(inputs) for a in self.anchors))
-        init_least_squares(self.stitching, self.space, list(hidden), list(masks), ridge, progress)
+        weights = [a.token_weights(h[0], summary_weight) for a, h in zip(self.anchors, hidden)]
+        init_least_squares(self.stitching, self.space, list(hidden), list(masks), ridge, progress, weights)
 
     # -- which parameters a stitch runs through -----------------------------------------------------------------
     def uses_block(self, s: Stitch, anchor: int, block: int) -> bool:

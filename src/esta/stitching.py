@@ -15,8 +15,9 @@ from tqdm.auto import tqdm
 from .space import StitchSpace
 
 
-def least_squares(x: torch.Tensor, y: torch.Tensor, ridge: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weight ``[d_out, d_in]`` and bias ``[d_out]`` minimising ``|x W^T + b - y|^2`` over the rows of x, y.
+def least_squares(x: torch.Tensor, y: torch.Tensor, ridge: float = 0.0,
+                  weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight ``[d_out, d_in]`` and bias ``[d_out]`` minimising ``sum_rows weight * |x W^T + b - y|^2``.
 
     ``ridge`` > 0 adds ``ridge * rows * mean feature variance * |W|^2`` (scale-free; the bias is not penalised).
     """
@@ -24,6 +25,9 @@ def least_squares(x: torch.Tensor, y: torch.Tensor, ridge: float = 0.0) -> tuple
     y = y.reshape(-1, y.shape[-1]).double()
     ones = torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)
     a = torch.cat([x, ones], dim=1)
+    if weight is not None:  # weighted rows = plain least squares on rows scaled by sqrt(weight)
+        sw = weight.reshape(-1, 1).double().sqrt()
+        a, y = a * sw, y * sw
     if ridge > 0:
         # Normal equations: the ridge makes them well conditioned, and one [d, d] solve is much faster than an SVD
         # of [rows, d] when rows are LLM calibration tokens (tens of thousands).
@@ -47,11 +51,13 @@ def make_stitching_layers(space: StitchSpace, widths: list[int], dtype: torch.dt
 @torch.no_grad()
 def init_least_squares(layers: nn.ModuleDict, space: StitchSpace,
                        hidden: list[list[torch.Tensor]], masks: list[torch.Tensor | None], ridge: float = 0.0,
-                       progress: bool = False) -> None:
+                       progress: bool = False, weights: list[torch.Tensor | None] | None = None) -> None:
     """Fit every stitching layer from per-anchor hidden states (``hidden[a][k]``: input of block ``k`` of anchor a).
 
-    ``masks[a]`` (``[batch, tokens]`` bool or None) selects the tokens to fit on, e.g. no padding.
+    ``masks[a]`` (``[batch, tokens]`` bool or None) selects the tokens to fit on, e.g. no padding; ``weights[a]``
+    (``[batch, tokens]`` or None) weighs them (see ``Anchor.token_weights``).
     """
+    weights = weights or [None] * len(hidden)
     for key, layer in tqdm(layers.items(), desc="least-squares init", disable=not progress, leave=False):
         ws, bs = [], []
         for cut in space.cuts_of_layer(key):
@@ -59,9 +65,11 @@ def init_least_squares(layers: nn.ModuleDict, space: StitchSpace,
             x = hidden[a][cut.front_last + 1]  # output of front block j
             y = hidden[b][cut.end_first]  # input of end block m
             mask = masks[a] if masks[a] is not None else masks[b]
+            weight = weights[a] if weights[a] is not None else weights[b]
             if mask is not None:
                 x, y = x[mask], y[mask]
-            w, bias = least_squares(x, y, ridge)
+                weight = weight[mask] if weight is not None else None
+            w, bias = least_squares(x, y, ridge, weight)
             ws.append(w)
             bs.append(bias)
         layer.weight.copy_(torch.stack(ws).mean(0).to(layer.weight.dtype))

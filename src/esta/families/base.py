@@ -85,6 +85,11 @@ class Anchor(nn.Module):
     def token_mask(self, inputs: Any) -> torch.Tensor | None:
         return None
 
+    def token_weights(self, hidden: torch.Tensor, summary_weight: float) -> torch.Tensor | None:
+        """Per-token weights ``[batch, tokens]`` for the least-squares fit of the stitching layers, or None (all
+        equal). A family whose head reads one summary token (ViT's [CLS]) overrides this: see VisionAnchor."""
+        return None
+
     def embed_modules(self) -> dict[str, nn.Module]:
         """The modules :meth:`embed` runs, by attribute name (empty in a part that has no embedding)."""
         raise NotImplementedError
