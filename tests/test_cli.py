@@ -86,3 +86,19 @@ def test_train_flags_reach_the_config_and_unset_ones_keep_its_defaults():
     assert default.train.sampling.anchor_share == ref.train.sampling.anchor_share
     assert default.train.sampling.score == ref.train.sampling.score
     assert default.train.score_init_batch == ref.train.score_init_batch
+
+
+def test_a_run_replays_from_its_run_json_and_a_bad_config_is_one_line(tmp_path):
+    from esta.adapt import AdaptConfig
+
+    cfg = AdaptConfig(data="digits", method="snnet", budgets=[0.1, 0.2])
+    cfg.train.sampling.groups = 4
+    cfg.pst.lora_targets = ("query", "value")
+    (tmp_path / "run.json").write_text(json.dumps({"config": cfg.to_dict(), "space": {}}))
+    assert AdaptConfig.from_file(tmp_path / "run.json") == cfg
+    (tmp_path / "c.yaml").write_text("data: mnist\ntrain:\n  steps: 7\n  sampling:\n    anchor_share: 0.3\n")
+    y = AdaptConfig.from_file(tmp_path / "c.yaml")
+    assert (y.data, y.train.steps, y.train.sampling.anchor_share) == ("mnist", 7, 0.3)
+    (tmp_path / "bad.yaml").write_text("train:\n  stepz: 7\n")
+    one_error_line(esta("train", "--config", str(tmp_path / "bad.yaml"), "--out", str(tmp_path / "r")),
+                   "unknown settings", "stepz")

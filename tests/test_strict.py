@@ -260,6 +260,7 @@ def test_instruction_data_errors_name_the_line(tmp_path):
 def test_a_class_missing_from_a_split_is_named_in_a_warning(tmp_path, vit_family, caplog):
     from esta.adapt import warn_missing_classes
     from esta.data import load_image_task
+    from esta.errors import EstaError
 
     root = image_folder(tmp_path / "d", per_class=4)
     (root / "test" / "class2").mkdir()
@@ -269,6 +270,8 @@ def test_a_class_missing_from_a_split_is_named_in_a_warning(tmp_path, vit_family
     with caplog.at_level("WARNING"):
         warn_missing_classes(task)
     assert "class2" in caplog.text and "test" in caplog.text
+    with pytest.raises(EstaError, match="class2.*--strict"):
+        warn_missing_classes(task, strict=True)
 
 
 def test_an_unwritable_out_folder_is_one_line(tmp_path, vit_family, data):

@@ -13,7 +13,7 @@ import logging
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -65,6 +65,7 @@ class AdaptConfig:
     #: "loss" (ours): the lowest moving-average training loss within the budget; "importance" is the paper's rule
     deploy_by: str = "loss"
     validation_sweep: bool = False  # also record every stitch's validation accuracy (to study deployment rules)
+    strict: bool = False  # a class missing from a split is an error instead of a warning
     probe_examples: int = 5000  # training examples the probes are fitted on (a stratified subset beyond that)
     sweep: bool = True  # evaluate every stitch (the honest check of the choice; SN-Net's way to choose)
     train_examples: int | str | None = "default"
@@ -75,6 +76,51 @@ class AdaptConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "AdaptConfig":
+        """The config a dict describes (e.g. ``run.json["config"]``); unknown keys are refused, missing ones keep
+        their defaults."""
+        def build(kind, values: dict, where: str, nested: dict | None = None):
+            if not isinstance(values, dict):
+                raise EstaError(f"config {where or 'file'}: expected a mapping, got {type(values).__name__}")
+            names = {f.name for f in fields(kind)}
+            unknown = sorted(set(values) - names)
+            if unknown:
+                raise EstaError(f"config {where or 'file'}: unknown settings {unknown}")
+            kw = dict(values)
+            for name, sub in (nested or {}).items():
+                if name in kw:
+                    kw[name] = sub(kw[name])
+            for name in ("lora_targets", "no_bias_targets"):  # tuples in the dataclass, lists in JSON
+                if isinstance(kw.get(name), list):
+                    kw[name] = tuple(kw[name])
+            return kind(**kw)
+
+        sampling = lambda v: build(SamplingConfig, v, "train.sampling")  # noqa: E731
+        train_cfg = lambda v: build(TrainConfig, v, "train", {"sampling": sampling})  # noqa: E731
+        pst = lambda v: build(PSTConfig, v, "pst")  # noqa: E731
+        return build(cls, d, "", {"train": train_cfg, "pst": pst})
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "AdaptConfig":
+        """A config from JSON or YAML: a run's ``run.json`` (its ``config``) replays that run."""
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+            if path.suffix in (".yaml", ".yml"):
+                import yaml
+
+                data = yaml.safe_load(text)
+            else:
+                data = json.loads(text)
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise EstaError(f"cannot read config {path}: {e}") from e
+        except Exception as e:  # yaml.YAMLError (yaml is imported only for YAML files)
+            raise EstaError(f"cannot read config {path}: {' '.join(str(e).split())}") from e
+        if isinstance(data, dict) and isinstance(data.get("config"), dict) and "space" in data:
+            data = data["config"]  # a run.json
+        return cls.from_dict(data)
 
     def deploy_rule(self) -> str:
         """The baselines deploy by validation; ESTA and its ablations by ``deploy_by`` (importance: the paper's)."""
@@ -139,14 +185,18 @@ def check_resumable(out: Path, config: AdaptConfig) -> None:
                         f"{', '.join(sorted(RESUMABLE_CHANGES))} may change. Use --overwrite to start again")
 
 
-def warn_missing_classes(task) -> None:
-    """Tell, don't guess: a class absent from a split makes its accuracy an average over the other classes."""
+def warn_missing_classes(task, strict: bool = False) -> None:
+    """Tell, don't guess: a class absent from a split makes its accuracy an average over the other classes (an
+    error with ``strict``)."""
     for split, data in (("train", task.train), ("test", task.test)):
         present = {int(y) for y in torch.as_tensor(data.labels).tolist()}
         missing = [c for k, c in enumerate(task.classes) if k not in present]
         if missing:
-            log.warning("task %s: %d of %d classes have no %s examples (%s)%s", task.name, len(missing),
-                        len(task.classes), split, ", ".join(missing[:10]), ", ..." if len(missing) > 10 else "")
+            msg = (f"task {task.name}: {len(missing)} of {len(task.classes)} classes have no {split} examples "
+                   f"({', '.join(missing[:10])}{', ...' if len(missing) > 10 else ''})")
+            if strict:
+                raise EstaError(msg + " (--strict)")
+            log.warning(msg)
 
 
 def materialize(dataset, indices) -> TensorImageDataset:
@@ -179,7 +229,7 @@ def _adapt(config: AdaptConfig, out: Path) -> dict:
                            cache_dir=config.cache_dir, train_examples=config.train_examples, seed=seed)
     if len(task.train) == 0 or len(task.test) == 0:
         raise EstaError(f"task {config.data!r} has an empty train or test split")
-    warn_missing_classes(task)
+    warn_missing_classes(task, config.strict)
     torch.manual_seed(seed)
     for a in anchors:
         a.new_task_head(len(task.classes))
@@ -439,6 +489,9 @@ def load_run(run_dir: str | Path) -> tuple[Palette, dict]:
         raise EstaError(f"{run_dir} is not an esta run folder (no run.json)")
     info = json.loads((run_dir / "run.json").read_text())
     cfg = info["config"]
+    if "classes" not in info:
+        raise EstaError(f"{run_dir} is a language-model run (esta lm-train): it deploys its own budgets at the end "
+                        f"of training; esta deploy redeploys image runs only")
     anchors = load_family(cfg["anchors"], num_labels=len(info["classes"]))
     palette = Palette(anchors, kernel=cfg["kernel"], stride=cfg["stride"], pairing=cfg["pairing"],
                       two_way=cfg["two_way"])

