@@ -170,6 +170,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_onnx
+
+    if args.format != "onnx":
+        raise EstaError(f"unknown export format {args.format!r}: onnx")
+    print(json.dumps(export_onnx(args.model, args.out, tolerance=args.tolerance)))
+    return 0
+
+
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from .pretrain import MINI_SHAPES, PretrainConfig, pretrain
 
@@ -492,6 +501,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-unfinished", action="store_true",
                    help="deploy a run whose checkpoint is short of its last step")
     p.set_defaults(func=cmd_deploy)
+
+    p = sub.add_parser("export", help="export a deployed image stitch to ONNX (checked against onnxruntime)")
+    p.add_argument("--model", required=True, help="a deployed stitch folder")
+    p.add_argument("--format", default="onnx", help="onnx")
+    p.add_argument("--out", default=None, help="output file (default MODEL/model.onnx)")
+    p.add_argument("--tolerance", type=float, default=1e-4, help="largest accepted |onnxruntime - torch|")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("evaluate", help="accuracy of a deployed stitch on a task's test split")
     p.add_argument("--model", required=True, help="a deployed stitch folder")
