@@ -218,11 +218,20 @@ def custom_code_folder(root: Path) -> Path:
     return root
 
 
-@pytest.mark.parametrize("command", ["space", "train"])
+@pytest.mark.parametrize("command", ["space", "train", "lm-train", "analyze"])
 def test_no_entry_point_runs_a_folders_own_code_or_asks(tmp_path, data, command):
     folder = custom_code_folder(tmp_path / "custom")
-    args = ["space", "--anchors", str(folder), str(folder)] if command == "space" else \
-        ["train", "--anchors", str(folder), str(folder), "--data", str(data), "--out", str(tmp_path / "r"), *TRAIN]
+    records = tmp_path / "records.jsonl"
+    records.write_text(json.dumps({"instruction": "say hi", "input": "", "output": "hi"}) + "\n")
+    args = {
+        "space": ["space", "--anchors", str(folder), str(folder)],
+        "train": ["train", "--anchors", str(folder), str(folder), "--data", str(data), "--out", str(tmp_path / "r"),
+                  *TRAIN],
+        "lm-train": ["lm-train", "--anchors", str(folder), str(folder), "--data", str(records), "--out",
+                     str(tmp_path / "r"), "--mc-examples", "0", "--no-progress"],
+        "analyze": ["analyze", "grad-angles", "--anchors", str(folder), str(folder), "--out", str(tmp_path / "r"),
+                    "--no-progress"],
+    }[command]
     env_run = subprocess.run([sys.executable, "-m", "esta.cli", *args], capture_output=True, text=True,
                              input="y\ny\n", timeout=120, env={**os.environ, "PYTHONPATH": SRC})
     assert "FOREIGN CODE RAN" not in env_run.stdout + env_run.stderr
