@@ -175,7 +175,15 @@ class DeployedStitch(nn.Module):
         if broken:
             raise EstaError(f"refusing to deploy {self.stitch.name}: {len(broken)} tensors hold NaN or inf "
                             f"(e.g. {broken[0]}); the palette diverged")
-        atomic_write(folder / WEIGHTS_NAME, lambda p: save_file(tensors, str(p)))
+        if self.stitch.is_anchor and hasattr(self.front, "to_transformers"):
+            # An anchor is saved as the plain transformers model with the task's labels (config.json,
+            # model.safetensors, preprocessor_config.json): it loads with transformers alone, and esta reads it
+            # back through the same loader as any anchor.
+            config["weights"] = "transformers"
+            self.front.to_transformers(self.meta.get("classes")).save_pretrained(folder)
+            write_json(folder / "preprocessor_config.json", self.front.preprocessor_config())
+        else:
+            atomic_write(folder / WEIGHTS_NAME, lambda p: save_file(tensors, str(p)))
         write_json(folder / CONFIG_NAME, config)  # last: a folder with a config holds whole weights
         return folder
 
@@ -194,6 +202,8 @@ class DeployedStitch(nn.Module):
         if "checksum" in cfg and cfg["checksum"] != _checksum(cfg):
             raise EstaError(f"{cfg_path} was edited after deployment (its architecture or preprocessing no longer "
                             f"matches its checksum); deploy the stitch again rather than edit it")
+        if cfg.get("weights") == "transformers":
+            return cls._from_transformers(folder, cfg)
         try:
             state = load_file(str(weights))
         except Exception as e:  # safetensors raises its own error types for a truncated or foreign file
@@ -207,6 +217,34 @@ class DeployedStitch(nn.Module):
             raise EstaError(f"{cfg_path} does not describe the weights beside it ({type(e).__name__}: "
                             f"{str(e).splitlines()[0][:160]}); deploy the stitch again") from e
         return model.eval()
+
+    @classmethod
+    def _from_transformers(cls, folder: Path, cfg: dict) -> "DeployedStitch":
+        """An anchor saved as a plain transformers model, checked against the esta config beside it."""
+        from .families import _config
+        from .families.vision import load_vision_anchor
+
+        cfg_path = folder / CONFIG_NAME
+        try:
+            stitch, fspec = Stitch(**cfg["stitch"]), cfg["front"]
+            _anchor_class(fspec["family"])
+            if not stitch.is_anchor:
+                raise ValueError(f"stitch {stitch.name} is a cut, but the folder holds one whole model")
+            config, _ = _config(str(folder))
+            front = load_vision_anchor(str(folder), config, num_labels=None, local=True,
+                                       dtype=getattr(torch, cfg.get("dtype", "float32")))
+            mine, theirs = front.spec(), fspec
+            for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "image_size", "patch_size"):
+                if mine["config"].get(key) != theirs["config"].get(key):
+                    raise ValueError(f"{key} is {mine['config'].get(key)} in config.json, "
+                                     f"{theirs['config'].get(key)} in {CONFIG_NAME}")
+            for key in ("image_mean", "image_std", "num_labels"):
+                if mine[key] != theirs[key]:
+                    raise ValueError(f"{key} is {mine[key]} beside the weights, {theirs[key]} in {CONFIG_NAME}")
+        except (KeyError, TypeError, ValueError) as e:
+            raise EstaError(f"{cfg_path} does not describe the weights beside it ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:160]}); deploy the stitch again") from e
+        return cls(stitch, front, None, None, cfg.get("meta")).eval()
 
     @classmethod
     def _build(cls, cfg: dict) -> "DeployedStitch":

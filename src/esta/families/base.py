@@ -136,8 +136,8 @@ def load_weights(source: str, load: Any) -> Any:
         return load()
     except (OSError, ValueError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise EstaError(f"cannot load the weights of anchor {source!r}: {first} (esta reads local folders only "
-                        f"from model.safetensors)") from e
+        raise EstaError(f"cannot load the weights of {source!r} (missing, damaged or not safetensors): {first} "
+                        f"(esta reads local folders only from model.safetensors)") from e
     except Exception as e:  # safetensors' own error type for a damaged file is not an OSError
         if type(e).__name__ == "SafetensorError":
             raise EstaError(f"anchor {source!r}: model.safetensors is damaged ({e})") from e

@@ -144,6 +144,41 @@ class VisionAnchor(Anchor):
             "source": self.source,
         }
 
+    def to_transformers(self, classes: list[str] | None = None):
+        """This whole anchor (embedding, every block, final norm, classifier) as the plain transformers model
+        (``ViTForImageClassification`` / ``DeiTForImageClassification``) with the task's labels: it loads and runs
+        with transformers alone. Its input is ``pixel_values`` normalised as ``preprocessor_config()`` says."""
+        from transformers import DeiTForImageClassification, ViTForImageClassification
+
+        if self.embeddings is None or self.classifier is None or self.first_block != 0:
+            raise EstaError("only a whole anchor (embedding, all blocks, head) converts to a transformers model")
+        kinds = {"vit": ViTForImageClassification, "deit": DeiTForImageClassification}
+        config = type(self.config).from_dict(self.config.to_dict())
+        labels = list(classes) if classes else [f"LABEL_{i}" for i in range(self.num_labels)]
+        if len(labels) != self.num_labels:
+            raise EstaError(f"{len(labels)} class names for a head of {self.num_labels} classes")
+        config.id2label = dict(enumerate(labels))
+        config.label2id = {c: i for i, c in enumerate(labels)}
+        config.qkv_bias = True  # merged stitch-specific biases live on every adapted projection
+        config.architectures = [kinds[config.model_type].__name__]
+        model = kinds[config.model_type](config)
+        base = getattr(model, model.base_model_prefix)
+        base.embeddings.load_state_dict(self.embeddings.state_dict())
+        for dst, src in zip(base.layers, self.blocks, strict=True):
+            dst.load_state_dict(src.state_dict())
+        base.layernorm.load_state_dict(self.norm.state_dict())
+        model.classifier.load_state_dict(self.classifier.state_dict())
+        return model.to(self._param_dtype()).eval()
+
+    def preprocessor_config(self) -> dict:
+        """What transformers' image processor needs to feed :meth:`to_transformers`'s model as esta feeds this."""
+        return {"image_processor_type": "ViTImageProcessor", "do_resize": True,
+                "size": {"height": self.image_size, "width": self.image_size}, "do_rescale": True,
+                "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": self.image_mean,
+                "image_std": self.image_std,
+                # grey models take grey images as they are (the processor would otherwise make them RGB)
+                "do_convert_rgb": self.num_channels == 3}
+
     @classmethod
     def build_part(cls, spec: dict, first_block: int, last_block: int, embed: bool, head: bool) -> "VisionAnchor":
         cfg = dict(spec["config"])
