@@ -412,10 +412,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("bench", help="every method on every task, same data/epochs/seeds: bench.json, table, plots")
-    p.add_argument("--quick", action="store_true", help="one seed, 1 epoch, small evaluation sets (<= 10 min)")
+    p.add_argument("--quick", action="store_true", help="smoke run: one seed, 40 steps, small evaluation sets, esta/snnet/anchors-lora/linear-probe "
+                   "(<= 10 min)")
     p.add_argument("--anchors", nargs="+", default=None, help="the family (default esta-mini)")
     p.add_argument("--tasks", default="", help="comma-separated (default animal-shapes,mnist,digits)")
-    p.add_argument("--methods", default="", help="comma-separated (default all five)")
+    p.add_argument("--methods", default="", help="comma-separated (default all six; quick: four)")
     p.add_argument("--seeds", default="", help="comma-separated (default 0,1; quick: 0)")
     p.add_argument("--steps", type=int, default=None, help="palette steps per run; anchors-lora: per anchor "
                    "(default 300; quick: 40)")
