@@ -113,8 +113,10 @@ def test_lm_train_flags_reach_the_config(monkeypatch, tmp_path):
 
     monkeypatch.setattr(esta.lm_adapt, "adapt_lm", fake_adapt_lm)
     assert main(["lm-train", "--anchors", "a", "b", "--data", "d.jsonl", "--mc-examples", "0", "--steps", "7",
-                 "--groups", "3", "--deploy-by", "importance", "--validation-examples", "5", "--no-progress"]) == 0
+                 "--groups", "3", "--deploy-by", "importance", "--validation-examples", "5", "--no-progress",
+                 "--lora-rank", "4", "--bias", "shared", "--lora-targets", "q_proj,v_proj"]) == 0
     cfg = seen["cfg"]
+    assert (cfg.pst.lora_rank, cfg.pst.bias, cfg.pst.lora_targets) == (4, "shared", ("q_proj", "v_proj"))
     assert (cfg.train.steps, cfg.train.sampling.groups, cfg.deploy_by, cfg.validation_examples) == (7, 3, "importance", 5)
     defaults = LMAdaptConfig().train
     assert cfg.train.score_init_batch is False and cfg.train.warmup_steps == defaults.warmup_steps

@@ -24,7 +24,7 @@ from .data import TensorImageDataset, default_cache_dir, load_image_task, strati
 from .deploy import Choice, DeployedStitch, check_budgets, choose
 from .errors import EstaError
 from .evaluate import accuracy, largest_drop, spearman, sweep
-from .files import claim_out_dir, log_to, write_json
+from .files import claim_for_all, is_main_process, main_log, wait_for_everyone, write_json
 from .families import MINI_FAMILY, anchor_names, load_family
 from .importance import SamplingConfig, budget_groups
 from .methods import get_method
@@ -210,10 +210,10 @@ def materialize(dataset, indices) -> TensorImageDataset:
 def adapt(config: AdaptConfig) -> dict:
     """The whole job; its log also goes to ``OUT/esta.log``."""
     config.check()
-    out = claim_out_dir(config.out_dir, resume=config.resume, overwrite=config.overwrite)
-    if config.resume:
+    out = claim_for_all(config.out_dir, resume=config.resume, overwrite=config.overwrite)
+    if config.resume and is_main_process():
         check_resumable(out, config)
-    with log_to(out / "esta.log"):
+    with main_log(out / "esta.log"):
         return _adapt(config, out)
 
 
@@ -267,10 +267,12 @@ def _adapt(config: AdaptConfig, out: Path) -> dict:
     log.info("palette: %d stitches (%d anchors), %d stitching layers; trainable %d of %d parameters",
              len(palette), len(anchors), len(palette.stitching), palette.trainable_parameters(),
              palette.total_parameters())
-    write_json(out / "run.json", {
-        "config": config.to_dict(), "classes": task.classes, "task": task.name,
-        "flops": [c.flops for c in costs], "params": [c.params for c in costs],
-        "space": palette.space.to_dict(), "environment": environment()})
+    main = is_main_process()  # several processes train together; only the main one writes, deploys, evaluates
+    if main:
+        write_json(out / "run.json", {
+            "config": config.to_dict(), "classes": task.classes, "task": task.name,
+            "flops": [c.flops for c in costs], "params": [c.params for c in costs],
+            "space": palette.space.to_dict(), "environment": environment()})
 
     # 3. one training run for the whole palette (for anchors-lora: each anchor, as many steps each)
     trained = palette.space.anchor_ids() if method.anchors_only else None
@@ -286,6 +288,9 @@ def _adapt(config: AdaptConfig, out: Path) -> dict:
                        progress=config.progress, stitches=trained)
     else:
         result = untrained_result(palette, flops, train_cfg.sampling.groups, trained, train_cfg.sampling.spacing)
+    if not main:
+        wait_for_everyone()  # released when the main process has deployed, evaluated and written
+        return {}
 
     # 4. deployment: ESTA reads the importance scores; SN-Net sweeps the candidates on held-out data
     t0 = time.perf_counter()
@@ -326,6 +331,7 @@ def _adapt(config: AdaptConfig, out: Path) -> dict:
                               "steps": 0} for n, s, p in zip(names, palette.space.anchor_ids(), probes)
                              if p.get("accuracy") is not None] if method.train else []
     write_report(results, out, plot=config.sweep)
+    wait_for_everyone()
     return results
 
 

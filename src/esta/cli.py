@@ -134,6 +134,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         config = _adapt_config(args)
     results = adapt(config)
+    if not results:  # another process of a multi-process run: the main one reports
+        return 0
     compare = [m for m in args.compare.split(",") if m.strip()]
     if compare and results["method"] not in compare:
         compare_alone(results, config, compare)
@@ -293,6 +295,8 @@ def cmd_lm_train(args: argparse.Namespace) -> int:
         ).items() if v is not None}),
         resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
     r = adapt_lm(cfg)
+    if not r:  # another process of a multi-process run: the main one reports
+        return 0
     print(f"{'':28}{'params M':>9} {'ppl':>8} {'MC acc %':>9}")
     for row in r["anchors"] + r["deployed"]:
         name = row.get("name") or ("anchor " + Path(row["source"]).name)

@@ -98,3 +98,35 @@ def log_to(path: Path) -> Iterator[None]:
         logger.setLevel(old_level)
         logger.removeHandler(handler)
         handler.close()
+
+
+def is_main_process() -> bool:
+    """True in the one process that writes (rank 0), and when there is only one process."""
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
+
+
+def wait_for_everyone() -> None:
+    from accelerate import PartialState
+
+    PartialState().wait_for_everyone()
+
+
+def claim_for_all(folder: str | Path, *, resume: bool, overwrite: bool) -> Path:
+    """:func:`claim_out_dir` in the main process only (several processes must not each delete and create it);
+    the others wait until it is ready."""
+    if is_main_process():
+        claim_out_dir(folder, resume=resume, overwrite=overwrite)
+    wait_for_everyone()
+    return Path(folder)
+
+
+@contextmanager
+def main_log(path: Path) -> Iterator[None]:
+    """:func:`log_to` in the main process; nothing in the others."""
+    if is_main_process():
+        with log_to(path):
+            yield
+    else:
+        yield

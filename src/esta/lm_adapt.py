@@ -25,7 +25,7 @@ from transformers import AutoTokenizer
 from .cost import count_costs
 from .deploy import DeployedStitch, check_budgets, choose
 from .errors import EstaError
-from .files import claim_out_dir, log_to, write_json
+from .files import claim_for_all, is_main_process, main_log, wait_for_everyone, write_json
 from .families import load_family
 from .importance import SamplingConfig
 from .instruct import IGNORE, build_dataset, collate, lm_loss, load_records
@@ -95,8 +95,8 @@ def adapt_lm(cfg: LMAdaptConfig) -> dict:
             raise EstaError(f"{name} must be at least 1, got {v}")
     cfg.pst.check()
     cfg.train.check()
-    out = claim_out_dir(cfg.out_dir, resume=cfg.resume, overwrite=cfg.overwrite)
-    with log_to(out / "esta.log"):
+    out = claim_for_all(cfg.out_dir, resume=cfg.resume, overwrite=cfg.overwrite)
+    with main_log(out / "esta.log"):
         return _adapt_lm(cfg, out)
 
 
@@ -152,15 +152,20 @@ def _adapt_lm(cfg: LMAdaptConfig, out: Path) -> dict:
     log.info("palette: %d stitches of %s; trainable %d of %d parameters; %d training / %d held-out records",
              len(palette), [a.source for a in anchors], palette.trainable_parameters(), palette.total_parameters(),
              len(train_set), len(held))
-    write_json(out / "run.json", {"config": cfg.to_dict(), "params": params,
-                                  "flops_32_tokens": [c.flops for c in costs],
-                                  "space": palette.space.to_dict(),
-                                  "screening": screening.to_dict(palette) if screening else None,
-                                  "environment": environment()})
+    main = is_main_process()  # several processes train together; only the main one writes, deploys, evaluates
+    if main:
+        write_json(out / "run.json", {"config": cfg.to_dict(), "params": params,
+                                      "flops_32_tokens": [c.flops for c in costs],
+                                      "space": palette.space.to_dict(),
+                                      "screening": screening.to_dict(palette) if screening else None,
+                                      "environment": environment()})
 
     result = train(palette, train_set, params, cfg.train, loss_fn=lm_loss, out_dir=out, resume=cfg.resume,
                    collate_fn=lambda b: collate(b, pad), progress=cfg.progress,
                    stitches=screening.kept if screening else None)
+    if not main:
+        wait_for_everyone()  # released when the main process has deployed, evaluated and written
+        return {}
 
     budgets = [b * 1e6 for b in cfg.budgets] if cfg.budgets else None
     palette.eval()
@@ -234,6 +239,7 @@ def _adapt_lm(cfg: LMAdaptConfig, out: Path) -> dict:
     }
     write_json(out / "results.json", results)
     plot_lm(results, out / "metrics.png")
+    wait_for_everyone()
     return results
 
 
