@@ -100,17 +100,22 @@ def log_to(path: Path) -> Iterator[None]:
         handler.close()
 
 
-def is_main_process() -> bool:
-    """True in the one process that writes (rank 0), and when there is only one process."""
+def _state():
+    """Accelerate's process state, set up as training's Accelerator sets it up (``cpu=True`` without a GPU is what
+    makes it see a torchrun launch on CPUs); it is shared, so whichever asks first must ask the same way."""
+    import torch
     from accelerate import PartialState
 
-    return PartialState().is_main_process
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def is_main_process() -> bool:
+    """True in the one process that writes (rank 0), and when there is only one process."""
+    return _state().is_main_process
 
 
 def wait_for_everyone() -> None:
-    from accelerate import PartialState
-
-    PartialState().wait_for_everyone()
+    _state().wait_for_everyone()
 
 
 def claim_for_all(folder: str | Path, *, resume: bool, overwrite: bool) -> Path:
