@@ -300,3 +300,12 @@ def test_a_diverging_run_stops_keeps_its_last_good_checkpoint_and_deploys_nothin
     assert state["step"] < 30
     for name, t in load_file(str(out / "checkpoint" / "adaptation.safetensors")).items():
         assert torch.isfinite(t).all(), name
+
+
+def test_one_image_per_class_runs_or_is_one_line(tmp_path, vit_family):
+    data = image_folder(tmp_path / "tiny", per_class=1)
+    base = ["train", "--anchors", *vit_family[:2], "--data", str(data), "--steps", "3", "--batch-size", "2",
+            "--groups", "2", "--no-progress"]
+    r = esta(*base, "--out", str(tmp_path / "a"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    error2(esta(*base, "--method", "snnet", "--out", str(tmp_path / "b")), "too few", "validation")

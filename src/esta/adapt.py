@@ -204,6 +204,9 @@ def materialize(dataset, indices) -> TensorImageDataset:
     if isinstance(dataset, TensorImageDataset):
         return dataset.subset(indices)
     items = [dataset[int(i)] for i in indices]
+    if not items:  # e.g. no validation images held out of a tiny test split
+        x0, _ = dataset[0]
+        return TensorImageDataset(torch.empty((0, *x0.shape), dtype=x0.dtype), torch.empty(0, dtype=torch.long))
     return TensorImageDataset(torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items]))
 
 

@@ -180,7 +180,10 @@ class DeployedStitch(nn.Module):
             # model.safetensors, preprocessor_config.json): it loads with transformers alone, and esta reads it
             # back through the same loader as any anchor.
             config["weights"] = "transformers"
-            self.front.to_transformers(self.meta.get("classes")).save_pretrained(folder)
+            from .families import quiet_transformers
+
+            with quiet_transformers():  # no "Writing model shards" bar per deployed model
+                self.front.to_transformers(self.meta.get("classes")).save_pretrained(folder)
             write_json(folder / "preprocessor_config.json", self.front.preprocessor_config())
         else:
             atomic_write(folder / WEIGHTS_NAME, lambda p: save_file(tensors, str(p)))
