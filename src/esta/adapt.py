@@ -553,6 +553,27 @@ def redeploy(run_dir: str | Path, budgets: list[float] | None, out_dir: str | Pa
              "flops": flops[c.stitch_id], "path": str(p)} for c, p in zip(choices, paths)]
 
 
+def save_run_palette(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
+    """``esta deploy --palette``: the whole trained palette of a run as one artifact (see ``serving``), with every
+    stitch's cost and, where the run's sweep measured it, its accuracy."""
+    from .serving import save_palette
+
+    run_dir = Path(run_dir)
+    palette, info = load_run(run_dir)
+    if info["step"] < info["total_steps"]:
+        raise EstaError(f"{run_dir} is unfinished (checkpoint at step {info['step']} of {info['total_steps']})")
+    accuracy = {}
+    if (run_dir / "results.json").is_file():
+        results = json.loads((run_dir / "results.json").read_text())
+        accuracy = {s["id"]: s.get("accuracy") for s in results.get("stitches", [])}
+    cfg = info["config"]
+    rows = [{"flops": float(f), "params": int(p), "accuracy": accuracy.get(i), "updates": info["updates"][i]}
+            for i, (f, p) in enumerate(zip(info["flops"], info["params"]))]
+    space_args = {k: cfg[k] for k in ("kernel", "stride", "pairing", "two_way")}
+    return save_palette(palette, Path(out_dir) if out_dir else run_dir / "palette", space_args=space_args,
+                        stitches=rows, classes=info["classes"], task=info["task"])
+
+
 def export_choices(palette: Palette, choices: list[Choice], flops: list[float], params: list[int],
                    importance: list[float], task: str, classes: list[str], out: Path) -> list[Path]:
     """Save each chosen stitch standalone as ``out/budgetKK`` (cheapest budget first), with ``out/manifest.json``

@@ -144,7 +144,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
-    from .adapt import redeploy
+    from .adapt import redeploy, save_run_palette
+
+    if args.palette:
+        folder = save_run_palette(args.run, args.out)
+        size = sum(f.stat().st_size for f in folder.iterdir()) / 2**20
+        print(f"wrote the whole palette to {folder} ({size:.1f} MB): load it with esta.serving.load_palette")
+        return 0
 
     for d in redeploy(args.run, _floats(args.budgets) if args.budgets else None, args.out,
                       allow_unfinished=args.allow_unfinished):
@@ -505,6 +511,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "manifest.json of what it holds)")
     p.add_argument("--allow-unfinished", action="store_true",
                    help="deploy a run whose checkpoint is short of its last step")
+    p.add_argument("--palette", action="store_true",
+                   help="write the whole palette as one artifact that runs any stitch (default OUT: RUN/palette)")
     p.set_defaults(func=cmd_deploy)
 
     p = sub.add_parser("export", help="export a deployed image stitch to ONNX (checked against onnxruntime)")

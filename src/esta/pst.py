@@ -89,6 +89,7 @@ class StitchLinear(nn.Module):
             {k: nn.Parameter(torch.zeros(base.out_features, dtype=dtype, device=device)) for k in keys}
         )
         self.active = active  # a plain attribute, shared with the palette: not a submodule, not saved
+        self.lora_folded = False  # True once fold_lora_() has put the low-rank update into the frozen weight
 
     @property
     def in_features(self) -> int:
@@ -112,6 +113,9 @@ class StitchLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         own = self.own_bias(self.active.id)
+        if self.lora_folded:  # a served palette: the shared update is in the weight, only the stitch's bias differs
+            y = self.base(x)
+            return y if own is None else y + own.to(y.dtype)
         if x.dtype != self.lora_A.dtype:  # bf16/fp16 frozen weights, float32 adapters (LLMs)
             y = self.base(x)
             delta = (x.to(self.lora_A.dtype) @ self.lora_A.t() @ self.lora_B.t()) * self.scaling
@@ -129,6 +133,16 @@ class StitchLinear(nn.Module):
         flat = y.view(-1, y.shape[-1])
         flat.addmm_(F.linear(x, self.lora_A).view(-1, self.lora_A.shape[0]), (self.lora_B * self.scaling).t())
         return y
+
+    @torch.no_grad()
+    def fold_lora_(self) -> None:
+        """Put the shared low-rank update into the frozen weight, for every stitch at once (it is the same for all
+        of them; only the biases are per stitch), and stop computing the branch. For serving, not training."""
+        if not self.lora_folded:
+            w = self.base.weight.to(self.lora_A.dtype) + (self.lora_B @ self.lora_A) * self.scaling
+            self.base.weight.copy_(w.to(self.base.weight.dtype))
+            self.lora_B.zero_()
+            self.lora_folded = True
 
     @torch.no_grad()
     def merged(self, stitch: int) -> tuple[torch.Tensor, torch.Tensor]:
