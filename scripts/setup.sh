@@ -25,7 +25,7 @@ fi
 
 if [ ! -f "$VENV/.esta-installed" ] || [ pyproject.toml -nt "$VENV/.esta-installed" ] \
    || [ constraints.txt -nt "$VENV/.esta-installed" ]; then
-  pip_install -c constraints.txt -e ".[dev,llm,onnx]"
+  pip_install -c constraints.txt -e ".[dev,llm,onnx,serve]"
   touch "$VENV/.esta-installed"
 fi
 

@@ -187,6 +187,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve import serve
+
+    serve(args.palette, host=args.host, port=args.port)
+    return 0
+
+
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from .pretrain import MINI_SHAPES, PretrainConfig, pretrain
 
@@ -514,6 +521,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--palette", action="store_true",
                    help="write the whole palette as one artifact that runs any stitch (default OUT: RUN/palette)")
     p.set_defaults(func=cmd_deploy)
+
+    p = sub.add_parser("serve", help="serve a palette over HTTP: each request picks the best stitch in its budget")
+    p.add_argument("--palette", required=True, help="a folder written by esta deploy --palette")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("export", help="export a deployed image stitch to ONNX (checked against onnxruntime)")
     p.add_argument("--model", required=True, help="a deployed stitch folder")
