@@ -119,6 +119,10 @@ def test_redeploy_writes_a_fresh_folder_with_a_manifest(tmp_path, finished):
     folders = sorted(p.name for p in (run / "deployed").iterdir() if p.is_dir())
     manifest = json.loads((run / "deployed" / "manifest.json").read_text())
     assert folders == ["budget00"] and [e["folder"] for e in manifest["deployed"]] == folders
+    results = json.loads((run / "results.json").read_text())  # and the run's results describe what is there now
+    assert [Path(d["path"]).name for d in results["deployed"]] == folders and results["deployed"][0]["redeployed"]
+    assert results["summary"]["mean_deployed_accuracy"] == results["deployed"][0]["accuracy"]
+    assert len(results["deployed_at_training"]) > 1
 
 
 def test_deploying_an_unfinished_run_needs_allow_unfinished(tmp_path, finished):
@@ -290,10 +294,12 @@ def test_an_unwritable_out_folder_is_one_line(tmp_path, vit_family, data):
 
 
 # -- 5. finite or stop; a crash costs at most the steps since the last checkpoint ----------------------------------
-def test_a_diverging_run_stops_keeps_its_last_good_checkpoint_and_deploys_nothing(tmp_path, vit_family, data):
+@pytest.mark.parametrize("method", [["--uniform-sampling"], ["--method", "snnet"]])
+def test_a_diverging_run_stops_keeps_its_last_good_checkpoint_and_deploys_nothing(tmp_path, vit_family, data,
+                                                                                   method):
     out = tmp_path / "r"
     r = esta("train", "--anchors", *vit_family[:2], "--data", str(data), "--steps", "30", "--lr", "1e9",
-             "--uniform-sampling", "--checkpoint-every", "1", "--out", str(out), *TRAIN)
+             *method, "--checkpoint-every", "1", "--out", str(out), *TRAIN)
     error2(r, "non-finite", "learning rate")
     assert not (out / "deployed").exists() and not (out / "results.json").exists()
     state = json.loads((out / "checkpoint" / "state.json").read_text())

@@ -549,8 +549,32 @@ def redeploy(run_dir: str | Path, budgets: list[float] | None, out_dir: str | Pa
                         sampling, progress=False)
     paths = export_choices(palette, choices, flops, info["params"], info["importance"], info["task"],
                            info["classes"], Path(out_dir) if out_dir else Path(run_dir) / "deployed")
-    return [{"budget": c.budget, "stitch_id": c.stitch_id, "name": palette.space[c.stitch_id].name,
+    rows = [{"budget": c.budget, "stitch_id": c.stitch_id, "name": palette.space[c.stitch_id].name,
              "flops": flops[c.stitch_id], "path": str(p)} for c, p in zip(choices, paths)]
+    if out_dir is None:
+        _record_redeployment(Path(run_dir), rows)
+    return rows
+
+
+def _record_redeployment(run_dir: Path, rows: list[dict]) -> None:
+    """The run's results.json describes what RUN/deployed now holds: each new pick with the accuracy the run's
+    sweep measured for that stitch (a deployed stitch computes what it computed in the palette), and the summary
+    recomputed; the training-time deployment is kept under ``deployed_at_training``."""
+    path = run_dir / "results.json"
+    if not path.is_file():
+        return
+    results = json.loads(path.read_text())
+    measured = {s["id"]: s.get("accuracy") for s in results.get("stitches", [])}
+    results.setdefault("deployed_at_training", results.get("deployed"))
+    results["deployed"] = [{**r, "accuracy": measured.get(r["stitch_id"]), "redeployed": True} for r in rows]
+    accs = [d["accuracy"] for d in results["deployed"]]
+    known = [a for a in accs if a is not None]
+    summary = results.setdefault("summary", {})
+    summary.update({
+        "mean_deployed_accuracy": sum(known) / len(known) if known else None, "group_accuracy": accs,
+        "spearman_budget_accuracy": spearman([r["budget"] for r in rows], accs) if None not in accs else None,
+        "largest_drop": largest_drop(accs), "mean_regret": None, "mean_regret_in_budget": None})
+    write_json(path, results)
 
 
 def save_run_palette(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
