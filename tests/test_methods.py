@@ -4,11 +4,12 @@ import pytest
 import torch
 from helpers import image_folder
 
-from esta.adapt import AdaptConfig, adapt, held_out_sets, load_run
+from esta.adapt import AdaptConfig, adapt, held_out_sets
 from esta.data import TensorImageDataset
 from esta.errors import EstaError
 from esta.importance import SamplingConfig
 from esta.methods import METHODS, get_method
+from esta.runs import load_run
 from esta.train import TrainConfig
 
 

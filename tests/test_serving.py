@@ -8,9 +8,9 @@ import pytest
 import torch
 from helpers import esta, image_folder
 
-from esta.adapt import load_run
 from esta.deploy import DeployedStitch
 from esta.errors import EstaError
+from esta.runs import load_run
 from esta.serving import best_within, load_palette
 
 

@@ -9,7 +9,7 @@ each budget as a standalone model.
     >>> model = esta.DeployedStitch.from_pretrained("runs/x/deployed/budget03")
 """
 
-from .adapt import AdaptConfig, adapt, load_run, redeploy
+from .adapt import AdaptConfig, adapt
 from .analysis import GradAngleConfig, grad_angles
 from .bench import BenchConfig, run_bench
 from .cost import StitchCost, count_costs
@@ -22,6 +22,7 @@ from .methods import METHODS, Method, get_method
 from .palette import Palette, run_stitch
 from .probe import fit_probe, probe_head
 from .pst import PSTConfig, StitchLinear
+from .runs import load_run, redeploy
 from .space import Stitch, StitchSpace, build_space
 from .train import TrainConfig, TrainResult, train
 

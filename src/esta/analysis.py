@@ -111,7 +111,9 @@ def grad_angles(cfg: GradAngleConfig) -> dict:
 
 
 def _histogram(angles: dict[str, list[float]], results: dict, path: Path) -> None:
-    from matplotlib.figure import Figure  # object API: no backend switch (see report.py)
+    from matplotlib.figure import (
+        Figure,  # object API: no backend switch (see report.py)
+    )
 
     fig = Figure(figsize=(6.5, 4), dpi=120)
     ax = fig.subplots()

@@ -30,9 +30,9 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .errors import EstaError
-from .files import write_json, write_text
 from .evaluate import largest_drop
 from .families import MINI_FAMILY
+from .files import write_json, write_text
 from .methods import get_method
 from .report import bench_plot
 

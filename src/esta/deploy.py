@@ -19,8 +19,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .errors import EstaError
-from .files import atomic_write, write_json
 from .families.base import Anchor
+from .files import atomic_write, write_json
 from .palette import Palette, run_stitch
 from .pst import plain_state_dict
 from .space import Stitch

@@ -25,8 +25,14 @@ from transformers import AutoTokenizer
 from .cost import count_costs
 from .deploy import DeployedStitch, check_budgets, choose
 from .errors import EstaError
-from .files import claim_for_all, is_main_process, main_log, wait_for_everyone, write_json
 from .families import load_family
+from .files import (
+    claim_for_all,
+    is_main_process,
+    main_log,
+    wait_for_everyone,
+    write_json,
+)
 from .importance import SamplingConfig
 from .instruct import IGNORE, build_dataset, collate, lm_loss, load_records
 from .lm_eval import MC_SETS, mc_accuracy, mc_items, perplexity, text_batches
@@ -274,7 +280,9 @@ def flag_outside_anchors(deployed: list[dict], anchors: list[dict], mc_questions
 
 
 def plot_lm(results: dict, path: Path) -> None:
-    from matplotlib.figure import Figure  # object API: no backend switch (see report.py)
+    from matplotlib.figure import (
+        Figure,  # object API: no backend switch (see report.py)
+    )
     from matplotlib.ticker import FormatStrFormatter
 
     metrics = [m for m in ("perplexity", "mc_accuracy") if any(r.get(m) is not None for r in results["anchors"])]

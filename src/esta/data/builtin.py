@@ -24,7 +24,13 @@ import numpy as np
 import torch
 
 from ..errors import EstaError
-from .arrays import TensorImageDataset, arrays_to_tensor, read_idx, safe_unpickle, stratified_split
+from .arrays import (
+    TensorImageDataset,
+    arrays_to_tensor,
+    read_idx,
+    safe_unpickle,
+    stratified_split,
+)
 
 logger = logging.getLogger("esta.data")
 

@@ -11,7 +11,13 @@ from transformers import AutoConfig
 
 from ..errors import EstaError
 from .base import Anchor
-from .causal_lm import LM_MODELS, CausalLMAnchor, check_tokenizers, convert_gguf, load_causal_lm_anchor
+from .causal_lm import (
+    LM_MODELS,
+    CausalLMAnchor,
+    check_tokenizers,
+    convert_gguf,
+    load_causal_lm_anchor,
+)
 from .vision import PREFIX_TOKENS, VISION_MODELS, VisionAnchor, load_vision_anchor
 
 __all__ = ["Anchor", "VisionAnchor", "CausalLMAnchor", "load_anchor", "load_family", "family_kind", "MINI_FAMILY",

@@ -18,7 +18,10 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import AutoConfig, DynamicCache, PretrainedConfig
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.masking_utils import (
+    create_causal_mask,
+    create_sliding_window_causal_mask,
+)
 
 from ..errors import EstaError
 from .base import Anchor, class_path, import_transformers_class, load_weights
