@@ -121,3 +121,17 @@ def test_lm_train_flags_reach_the_config(monkeypatch, tmp_path):
     defaults = LMAdaptConfig().train
     assert cfg.train.score_init_batch is False and cfg.train.warmup_steps == defaults.warmup_steps
     assert cfg.train.sampling.eps == defaults.sampling.eps and cfg.mc_root is None
+
+
+def test_unset_lm_train_flags_keep_the_config_defaults(monkeypatch):
+    import esta.lm_adapt
+    from esta.cli import main
+
+    seen = {}
+    monkeypatch.setattr(esta.lm_adapt, "adapt_lm",
+                        lambda cfg: seen.setdefault("cfg", cfg) and {"anchors": [], "deployed": []})
+    assert main(["lm-train", "--anchors", "a", "b", "--data", "d.jsonl", "--mc-examples", "0"]) == 0
+    cfg, ref = seen["cfg"], LMAdaptConfig()
+    for name in ("dtype", "max_length", "heldout_examples", "validation_examples", "screen_ratio", "screen_examples",
+                 "deploy_by", "kernel", "train", "pst", "train_examples"):
+        assert getattr(cfg, name) == getattr(ref, name), name

