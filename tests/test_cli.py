@@ -86,6 +86,11 @@ def test_train_flags_reach_the_config_and_unset_ones_keep_its_defaults():
     assert default.train.sampling.anchor_share == ref.train.sampling.anchor_share
     assert default.train.sampling.score == ref.train.sampling.score
     assert default.train.score_init_batch == ref.train.score_init_batch
+    assert default.pst == ref.pst and default.train.sampling == ref.train.sampling  # no default written twice
+    for name in ("batch_size", "seed", "checkpoint_every", "weight_decay", "warmup_steps", "head_lr_scale"):
+        assert getattr(default.train, name) == getattr(ref.train, name), name
+    for name in ("eval_examples", "validation_examples", "calibration_examples", "stitch_cls_weight", "kernel"):
+        assert getattr(default, name) == getattr(ref, name), name
 
 
 def test_a_run_replays_from_its_run_json_and_a_bad_config_is_one_line(tmp_path):

@@ -68,29 +68,28 @@ def _adapt_config(args: argparse.Namespace, **overrides):
     from .train import TrainConfig
 
     given = lambda **kw: {k: v for k, v in kw.items() if v is not None}  # noqa: E731 - unset flags: config default
-    sampling = SamplingConfig(groups=args.groups, beta=args.beta, tau=args.tau, eps=args.eps,
-                              uniform=args.uniform_sampling,
-                              **given(anchor_share=args.anchor_share, score=args.score,
-                                      spacing=args.group_spacing))
+    sampling = SamplingConfig(uniform=args.uniform_sampling,
+                              **given(groups=args.groups, beta=args.beta, tau=args.tau, eps=args.eps,
+                                      anchor_share=args.anchor_share, score=args.score, spacing=args.group_spacing))
     from .methods import get_method
 
     lr = args.lr if args.lr is not None else get_method(args.method).lr
-    train_cfg = TrainConfig(epochs=args.epochs, steps=args.steps, batch_size=args.batch_size, lr=lr,
-                            seed=args.seed, sampling=sampling, checkpoint_every=args.checkpoint_every,
-                            **given(score_init_batch=args.score_init_batch, head_lr_scale=args.head_lr_scale))
-    pst = PSTConfig(lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
-                    lora_targets=tuple(args.lora_targets.split(",")) if args.lora_targets else (),
-                    stitch_lora_rank=args.stitch_lora_rank, bias=args.bias)
-    cfg = dict(anchors=args.anchors, data=args.data, out_dir=args.out, method=args.method,
-               validation_examples=args.validation_examples, kernel=args.kernel, stride=args.stride,
-               pairing=args.pairing, two_way=args.two_way, pst=pst, train=train_cfg,
-               budgets=_floats(args.budgets) if args.budgets else None,
-               eval_examples=args.eval_examples or None, sweep=not args.no_sweep, resume=args.resume,
-               overwrite=args.overwrite,
-               validation_sweep=args.validation_sweep, progress=not args.no_progress, strict=args.strict,
+    train_cfg = TrainConfig(epochs=args.epochs, steps=args.steps, lr=lr, sampling=sampling,
+                            **given(batch_size=args.batch_size, seed=args.seed, checkpoint_every=args.checkpoint_every,
+                                    score_init_batch=args.score_init_batch, head_lr_scale=args.head_lr_scale))
+    pst = PSTConfig(**given(lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, stitch_lora_rank=args.stitch_lora_rank,
+                            bias=args.bias,
+                            lora_targets=tuple(args.lora_targets.split(",")) if args.lora_targets else None))
+    cfg = dict(anchors=args.anchors, data=args.data, out_dir=args.out, method=args.method, kernel=args.kernel,
+               stride=args.stride, pairing=args.pairing, two_way=args.two_way, pst=pst, train=train_cfg,
+               budgets=_floats(args.budgets) if args.budgets else None, sweep=not args.no_sweep,
+               resume=args.resume, overwrite=args.overwrite, validation_sweep=args.validation_sweep,
+               progress=not args.no_progress, strict=args.strict,
                **given(head_init=args.head_init, deploy_by=args.deploy_by,
-                       calibration_examples=args.calibration_examples,
-                       stitch_cls_weight=args.stitch_cls_weight))
+                       calibration_examples=args.calibration_examples, stitch_cls_weight=args.stitch_cls_weight,
+                       validation_examples=args.validation_examples))
+    if args.eval_examples is not None:  # 0: the whole test split
+        cfg["eval_examples"] = args.eval_examples or None
     cfg.update(overrides)
     return AdaptConfig(**cfg)
 
@@ -362,24 +361,26 @@ def _train_args(p: argparse.ArgumentParser, out: str, epochs: float, compare: st
     _space_args(p)
     p.add_argument("--epochs", type=float, default=epochs, help=f"passes over the training set (default {epochs:g})")
     p.add_argument("--steps", type=int, default=None, help="training steps (overrides --epochs)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=None, help="examples per step (default 64)")
     p.add_argument("--method", default="esta",
                    help="esta (default), esta-uniform, esta-shared-bias, snnet (SN-Net direct adaptation, one "
                    "stitch drawn uniformly among all per step), snnet-groups (SN-Net with SN-Netv2's group sampler), "
                    "anchors-lora (each anchor alone with LoRA) or linear-probe (each anchor's head fitted on frozen "
                    "features, nothing else trained)")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: the method's, 2e-3; snnet 1e-4)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--lora-rank", type=int, default=8)
-    p.add_argument("--lora-alpha", type=float, default=16.0)
+    p.add_argument("--seed", type=int, default=None, help="default 0")
+    p.add_argument("--lora-rank", type=int, default=None, help="LoRA rank on the blocks (default 8)")
+    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default 16)")
     p.add_argument("--lora-targets", default="", help="comma-separated linear-layer names (default: q/k/v)")
-    p.add_argument("--stitch-lora-rank", type=int, default=16)
-    p.add_argument("--bias", choices=["per-stitch", "shared", "none"], default="per-stitch",
+    p.add_argument("--stitch-lora-rank", type=int, default=None,
+                   help="LoRA rank on the stitching layers (default 16)")
+    p.add_argument("--bias", choices=["per-stitch", "shared", "none"], default=None,
                    help="stitch-specific bias terms (ESTA), one shared bias, or none")
-    p.add_argument("--groups", type=int, default=10, help="budget groups (equal-width FLOPs intervals)")
-    p.add_argument("--beta", type=float, default=0.9, help="importance moving-average factor")
-    p.add_argument("--tau", type=float, default=1.0, help="sampling temperature")
-    p.add_argument("--eps", type=float, default=0.1, help="uniform floor of the sampling distribution")
+    p.add_argument("--groups", type=int, default=None, help="budget groups (default 10)")
+    p.add_argument("--beta", type=float, default=None, help="importance moving-average factor (default 0.9)")
+    p.add_argument("--tau", type=float, default=None, help="sampling temperature (default 1)")
+    p.add_argument("--eps", type=float, default=None,
+                   help="uniform floor of the sampling distribution (default 0.1)")
     p.add_argument("--uniform-sampling", action="store_true", help="ignore importance when sampling")
     # default None: the config dataclasses hold the defaults (README "Command line" lists them)
     p.add_argument("--anchor-share", type=float, default=None, help="fraction of steps that train an anchor (ours)")
@@ -406,12 +407,12 @@ def _train_args(p: argparse.ArgumentParser, out: str, epochs: float, compare: st
                    help="also run these reference methods with the same data, seed and steps, and show their anchors "
                    f"beside the palette's (anchors-lora, linear-probe; default {compare or 'none'}; '' for none)")
     p.add_argument("--budgets", default="", help="comma-separated GFLOPs budgets to deploy (default: one per group)")
-    p.add_argument("--eval-examples", type=int, default=2000,
+    p.add_argument("--eval-examples", type=int, default=None,
                    help="stratified test examples for every accuracy (0 = the whole test split)")
-    p.add_argument("--validation-examples", type=int, default=500,
+    p.add_argument("--validation-examples", type=int, default=None,
                    help="test examples held out (never evaluated on) for methods that choose by validation")
     p.add_argument("--no-sweep", action="store_true", help="skip evaluating every stitch")
-    p.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints")
+    p.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints (default 200)")
     p.add_argument("--config", default=None,
                    help="take every setting from this file (a run's run.json, or JSON/YAML with AdaptConfig's "
                    "fields); only --out, --resume, --overwrite and --no-progress apply beside it")
