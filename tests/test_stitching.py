@@ -83,7 +83,7 @@ def test_weighted_least_squares_fits_the_heavy_rows_better():
     y = x @ torch.randn(4, 3, generator=g) + torch.randn(200, 3, generator=g)  # no exact linear fit
     heavy = torch.zeros(200, dtype=torch.bool)
     heavy[::10] = True
-    err = lambda w, b: ((x @ w.t() + b - y) ** 2).sum(-1)  # noqa: E731
+    err = lambda w, b: ((x.double() @ w.t() + b - y.double()) ** 2).sum(-1)  # noqa: E731
     plain = err(*least_squares(x, y))
     weighted = err(*least_squares(x, y, weight=torch.where(heavy, 50.0, 1.0)))
     assert weighted[heavy].mean() < plain[heavy].mean() and weighted[~heavy].mean() > plain[~heavy].mean()
