@@ -31,8 +31,9 @@ MINI_SHAPES = {"mini-deit-ti": (48, 3), "mini-deit-s": (96, 6), "mini-deit-b": (
 FASHION_MEAN, FASHION_STD = 0.2860, 0.3530
 
 
-#: epochs of the shipped family: the same for every size, so that a larger anchor is never the less trained one
-DEFAULT_EPOCHS = 4
+#: epochs of the shipped family: a larger anchor never gets fewer than a smaller one. At 4 epochs each, B (83.80 %)
+#: was only 0.55 points above S (83.25 %), the least converged of the three; 7 epochs give it its lead.
+DEFAULT_EPOCHS = {"mini-deit-ti": 4, "mini-deit-s": 4, "mini-deit-b": 7}
 
 
 @dataclass
@@ -44,7 +45,7 @@ class PretrainConfig:
     than 128 (Ti, 3 epochs: 80.2 % vs 78.6 %) at about the same cost per image. So: float32, batch 64, SDPA (the
     transformers default), fused AdamW. A whole epoch costs ~75 s (Ti), ~210 s (S) and ~700 s (B) here."""
 
-    epochs: dict[str, int] | None = None  # per model; default DEFAULT_EPOCHS each
+    epochs: dict[str, int] | None = None  # per model; default DEFAULT_EPOCHS
     batch_size: int = 64
     lr: float = 1e-3
     weight_decay: float = 0.05
@@ -54,7 +55,7 @@ class PretrainConfig:
     threads: int | None = None  # torch threads (default: torch's choice, all cores)
 
     def epochs_for(self, name: str) -> int:
-        return (self.epochs or {}).get(name, DEFAULT_EPOCHS)
+        return (self.epochs or {}).get(name, DEFAULT_EPOCHS[name])
 
 
 def mini_config(width: int, heads: int, classes: list[str]) -> ViTConfig:
