@@ -44,8 +44,8 @@ def test_the_shipped_family_records_its_pretraining_and_bigger_is_better():
     infos = [json.loads((Path(p) / "pretraining.json").read_text()) for p in mini_family_paths()]
     acc = [i["fashion_mnist_test_accuracy"] for i in infos]
     assert all(0 < a < 1 for a in acc) and all(i["seconds"] > 0 for i in infos)
-    # Ti < S < B (the goal of a point or more between neighbours is met for Ti/S, not yet for S/B: README)
-    assert acc[0] < acc[1] < acc[2], acc
+    # bigger is better on the source task, by a point or more between neighbours
+    assert acc[1] - acc[0] >= 0.01 and acc[2] - acc[1] >= 0.01, acc
     assert infos[0]["epochs"] <= infos[1]["epochs"] <= infos[2]["epochs"]  # never the larger one less trained
     size = sum(f.stat().st_size for p in mini_family_paths() for f in Path(p).iterdir())
     assert size <= 30 * 2**20
