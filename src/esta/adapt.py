@@ -165,9 +165,11 @@ class AdaptConfig:
         self.train.check()
 
 
-#: settings a resumed run may change: they decide what is shown or kept, not what is trained
+#: settings a resumed run may change: they decide what is shown, kept or deployed, not what is trained (the
+#: deployment rule only chooses among the trained stitches, so a finished run can be resumed to deploy another way)
 RESUMABLE_CHANGES = {"resume", "overwrite", "progress", "sweep", "validation_sweep", "eval_examples", "cache_dir",
-                     "out_dir", "train.checkpoint_every", "train.num_workers"}
+                     "out_dir", "train.checkpoint_every", "train.num_workers", "train.log_every", "deploy_by",
+                     "strict"}
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
