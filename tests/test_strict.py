@@ -312,6 +312,7 @@ def test_one_image_per_class_runs_or_is_one_line(tmp_path, vit_family):
     data = image_folder(tmp_path / "tiny", per_class=1)
     base = ["train", "--anchors", *vit_family[:2], "--data", str(data), "--steps", "3", "--batch-size", "2",
             "--groups", "2", "--no-progress"]
-    r = esta(*base, "--out", str(tmp_path / "a"))
+    r = esta(*base, "--deploy-by", "loss", "--out", str(tmp_path / "a"))
     assert r.returncode == 0, r.stderr[-2000:]
-    error2(esta(*base, "--method", "snnet", "--out", str(tmp_path / "b")), "too few", "validation")
+    error2(esta(*base, "--out", str(tmp_path / "b")), "too few", "validation")  # the default deploys by validation
+    error2(esta(*base, "--method", "snnet", "--out", str(tmp_path / "c")), "too few", "validation")

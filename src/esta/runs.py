@@ -60,9 +60,6 @@ def redeploy(run_dir: str | Path, budgets: list[float] | None, out_dir: str | Pa
                         f"finish it with esta train --resume, or deploy it as it is with --allow-unfinished")
     method = get_method(info["config"].get("method", "esta"))
     deploy_by = info["config"].get("deploy_by", "importance") if method.deploy_by == "importance" else "validation"
-    if deploy_by == "validation":
-        raise EstaError(f"{run_dir} deploys by a validation sweep (--method {method.name} / --deploy-by validation); "
-                        "only runs that deploy by importance or training loss can be redeployed without data")
     if deploy_by == "loss" and "train_loss" not in info:
         raise EstaError(f"{run_dir}'s checkpoint has no training-loss averages to deploy by")
     flops = [float(f) for f in info["flops"]]
@@ -76,7 +73,8 @@ def redeploy(run_dir: str | Path, budgets: list[float] | None, out_dir: str | Pa
                          updates=info["updates"], train_loss=info.get("train_loss", []),
                          groups=candidate_groups(flops, sampling.groups, trained or list(range(len(flops))),
                                                  sampling.spacing))
-    choices, _ = select(deploy_by, palette, result, flops, [b * 1e9 for b in budgets] if budgets else None, [],
+    val_set = _validation_set(palette, info["config"]) if deploy_by == "validation" else []
+    choices, _ = select(deploy_by, palette, result, flops, [b * 1e9 for b in budgets] if budgets else None, val_set,
                         sampling, progress=False)
     paths = export_choices(palette, choices, flops, info["params"], info["importance"], info["task"],
                            info["classes"], Path(out_dir) if out_dir else Path(run_dir) / "deployed")
@@ -85,6 +83,21 @@ def redeploy(run_dir: str | Path, budgets: list[float] | None, out_dir: str | Pa
     if out_dir is None:
         _record_redeployment(Path(run_dir), rows)
     return rows
+
+
+def _validation_set(palette: Palette, cfg: dict):
+    """The run's own validation images (the same held-out draw as in training), for deploying by validation."""
+    from .adapt import held_out_sets
+    from .data import load_image_task
+
+    front, seed = palette.anchors[0], cfg["train"]["seed"]
+    task = load_image_task(cfg["data"], image_size=front.image_size, num_channels=front.num_channels,
+                           cache_dir=cfg.get("cache_dir"), train_examples=cfg.get("train_examples", "default"),
+                           seed=seed)
+    val_set, _ = held_out_sets(task.test, cfg.get("validation_examples", 500), cfg.get("eval_examples"), seed)
+    if len(val_set) == 0:
+        raise EstaError(f"the run's data {cfg['data']!r} has no validation images to deploy by")
+    return val_set
 
 
 def _record_redeployment(run_dir: Path, rows: list[dict]) -> None:
