@@ -33,6 +33,7 @@ from .files import (
     claim_for_all,
     is_main_process,
     main_log,
+    replace_dir,
     wait_for_everyone,
     write_json,
 )
@@ -94,7 +95,7 @@ class AdaptConfig:
     def from_dict(cls, d: dict) -> "AdaptConfig":
         """The config a dict describes (e.g. ``run.json["config"]``); unknown keys are refused, missing ones keep
         their defaults."""
-        def build(kind, values: dict, where: str, nested: dict | None = None):
+        def build(kind, values: dict, where: str, nested: dict | None = None, make=None):
             if not isinstance(values, dict):
                 raise EstaError(f"config {where or 'file'}: expected a mapping, got {type(values).__name__}")
             names = {f.name for f in fields(kind)}
@@ -105,14 +106,11 @@ class AdaptConfig:
             for name, sub in (nested or {}).items():
                 if name in kw:
                     kw[name] = sub(kw[name])
-            for name in ("lora_targets", "no_bias_targets"):  # tuples in the dataclass, lists in JSON
-                if isinstance(kw.get(name), list):
-                    kw[name] = tuple(kw[name])
-            return kind(**kw)
+            return make(kw) if make else kind(**kw)
 
         sampling = lambda v: build(SamplingConfig, v, "train.sampling")  # noqa: E731
         train_cfg = lambda v: build(TrainConfig, v, "train", {"sampling": sampling})  # noqa: E731
-        pst = lambda v: build(PSTConfig, v, "pst")  # noqa: E731
+        pst = lambda v: build(PSTConfig, v, "pst", make=PSTConfig.from_dict)  # noqa: E731
         return build(cls, d, "", {"train": train_cfg, "pst": pst})
 
     @classmethod
@@ -513,7 +511,7 @@ def export_choices(palette: Palette, choices: list[Choice], flops: list[float], 
     deployment folder never mixes two deployments (no stale ``budgetKK`` from an earlier one) and a crash leaves
     the previous one whole."""
     out = Path(out)
-    tmp, old = out.with_name(out.name + ".tmp"), out.with_name(out.name + ".old")
+    tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     entries = []
     for k, c in enumerate(choices):
@@ -525,9 +523,5 @@ def export_choices(palette: Palette, choices: list[Choice], flops: list[float], 
                         "name": palette.space[c.stitch_id].name, "flops": flops[c.stitch_id],
                         "params": params[c.stitch_id]})
     write_json(tmp / "manifest.json", {"task": task, "deployed": entries})
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_dir(tmp, out)
     return [out / e["folder"] for e in entries]

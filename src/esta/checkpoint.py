@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import EstaError
+from .files import replace_dir
 from .palette import Palette
 
 
@@ -32,12 +33,7 @@ def save_checkpoint(folder: Path, model: Palette, optimizer: Any, scheduler: Any
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "sampler.safetensors"))
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optim.pt")
     (tmp / "state.json").write_text(json.dumps(meta, indent=1))  # last: its presence marks a complete checkpoint
-    old = folder.with_name(folder.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if folder.exists():
-        folder.rename(old)
-    tmp.rename(folder)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_dir(tmp, folder)
 
 
 def _read(path: Path, load: Any) -> Any:

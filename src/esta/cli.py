@@ -61,13 +61,17 @@ def cmd_space(args: argparse.Namespace) -> int:
     return 0
 
 
+def given(**kw) -> dict:
+    """The flags that were set: unset ones (None) keep the config dataclasses' defaults, written only there."""
+    return {k: v for k, v in kw.items() if v is not None}
+
+
 def _adapt_config(args: argparse.Namespace, **overrides):
     from .adapt import AdaptConfig
     from .importance import SamplingConfig
     from .pst import PSTConfig
     from .train import TrainConfig
 
-    given = lambda **kw: {k: v for k, v in kw.items() if v is not None}  # noqa: E731 - unset flags: config default
     sampling = SamplingConfig(uniform=args.uniform_sampling,
                               **given(groups=args.groups, beta=args.beta, tau=args.tau, eps=args.eps,
                                       anchor_share=args.anchor_share, score=args.score, spacing=args.group_spacing))
@@ -289,7 +293,6 @@ def cmd_lm_train(args: argparse.Namespace) -> int:
     from .pst import PSTConfig
 
     # unset flags (None) keep LMAdaptConfig's defaults: the config is the one place they are written
-    given = lambda **kw: {k: v for k, v in kw.items() if v is not None}  # noqa: E731
     base = LMAdaptConfig()
     train = replace(base.train, **given(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                                         checkpoint_every=args.checkpoint_every, seed=args.seed))

@@ -217,8 +217,7 @@ class DeployedStitch(nn.Module):
             model.load_state_dict(state, strict=True)
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             # an edited config (missing key, cut out of range, wrong width) no longer matches the weights
-            raise EstaError(f"{cfg_path} does not describe the weights beside it ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0][:160]}); deploy the stitch again") from e
+            raise _mismatch(cfg_path, e) from e
         return model.eval()
 
     @classmethod
@@ -245,8 +244,7 @@ class DeployedStitch(nn.Module):
                 if mine[key] != theirs[key]:
                     raise ValueError(f"{key} is {mine[key]} beside the weights, {theirs[key]} in {CONFIG_NAME}")
         except (KeyError, TypeError, ValueError) as e:
-            raise EstaError(f"{cfg_path} does not describe the weights beside it ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0][:160]}); deploy the stitch again") from e
+            raise _mismatch(cfg_path, e) from e
         return cls(stitch, front, None, None, cfg.get("meta")).eval()
 
     @classmethod
@@ -267,6 +265,11 @@ class DeployedStitch(nn.Module):
                 end = ecls.build_part(espec, s.end_first, _depth(espec) - 1, False, True)
                 layer = nn.Linear(*cfg["stitching"])
         return cls(s, front, end, layer, cfg.get("meta"))
+
+
+def _mismatch(cfg_path: Path, e: Exception) -> EstaError:
+    return EstaError(f"{cfg_path} does not describe the weights beside it ({type(e).__name__}: "
+                     f"{str(e).splitlines()[0][:160]}); deploy the stitch again")
 
 
 #: the parts of a deployed config that decide its predictions (meta, e.g. the class names, may be edited)

@@ -45,6 +45,17 @@ def write_json(path: str | Path, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=1))
 
 
+def replace_dir(new: Path, folder: Path) -> None:
+    """Put the finished folder ``new`` where ``folder`` is, whole: the old one is moved aside first and removed
+    only after, so a crash leaves one complete folder (the old or the new), never a mix."""
+    old = folder.with_name(folder.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+        folder.rename(old)
+    new.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def holds_run(folder: str | Path) -> bool:
     folder = Path(folder)
     return folder.is_dir() and any((folder / m).exists() for m in RUN_MARKERS)

@@ -46,6 +46,11 @@ class PSTConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "PSTConfig":
+        """The config :meth:`to_dict` wrote, back from JSON (where its tuples became lists)."""
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
     def check(self) -> None:
         if self.full_finetune:
             return

@@ -37,8 +37,7 @@ def load_run(run_dir: str | Path) -> tuple[Palette, dict]:
                       two_way=cfg["two_way"])
     pst = cfg["pst"]
     method = get_method(cfg.get("method", "esta"))
-    palette.apply_pst(method.pst(PSTConfig(**{**pst, "lora_targets": tuple(pst["lora_targets"]),
-                                              "no_bias_targets": tuple(pst["no_bias_targets"])})))
+    palette.apply_pst(method.pst(PSTConfig.from_dict(pst)))
     meta = load_adaptation(run_dir / "checkpoint", palette)
     info["step"], info["total_steps"] = meta["step"], meta.get("total_steps", meta["step"])
     sampler = load_sampler_state(run_dir / "checkpoint")

@@ -83,9 +83,7 @@ def load_palette(folder: str | Path) -> tuple[Palette, dict]:
                 depth = int(spec["config"]["num_hidden_layers"])
                 anchors.append(_anchor_class(spec["family"]).build_part(spec, 0, depth - 1, True, True))
             palette = Palette(anchors, **table["space"])
-        pst = dict(table["pst"])
-        pst.update({k: tuple(pst[k]) for k in ("lora_targets", "no_bias_targets")})
-        palette.apply_pst(PSTConfig(**pst))
+        palette.apply_pst(PSTConfig.from_dict(table["pst"]))
         fold_palette_(palette)  # zero updates, and no branch computed
         missing, unexpected = palette.load_state_dict(state, strict=False)
     except (KeyError, TypeError, ValueError, RuntimeError) as e:

@@ -265,6 +265,9 @@ def train(palette: Palette, train_set: Dataset, costs: list[float], config: Trai
             optimizer.zero_grad(set_to_none=True)
         sampler.initialise(scores)
 
+    def elapsed() -> float:  # the whole run's training time, across restarts
+        return seconds_before + time.perf_counter() - start_time
+
     history = LossHistory(Path(out_dir) / "loss.jsonl" if out_dir is not None and config.log_every
                           and accelerator.is_main_process else None, start_step)
     bar = tqdm(total=total_steps, initial=start_step, desc="training palette",
@@ -292,20 +295,20 @@ def train(palette: Palette, train_set: Dataset, costs: list[float], config: Trai
         if config.log_every and (done % config.log_every == 0 or done == total_steps):
             history.write({"step": done, "stitch": stitch, "loss": loss_value, "loss_ema": ema,
                            "lr": scheduler.get_last_lr()[0],
-                           "seconds": round(seconds_before + time.perf_counter() - start_time, 3)})
+                           "seconds": round(elapsed(), 3)})
         if ckpt_dir is not None and accelerator.is_main_process and (
             done == total_steps or (config.checkpoint_every and done % config.checkpoint_every == 0)
         ):
             save_checkpoint(ckpt_dir, palette, optimizer, scheduler, sampler.state_dict(),
                             {"step": done, "total_steps": total_steps, "loss_ema": ema,
-                             "seconds": seconds_before + time.perf_counter() - start_time,
+                             "seconds": elapsed(),
                              "config": config.to_dict()})
     bar.close()
     history.close()
     accelerator.wait_for_everyone()
     return TrainResult(
         steps=total_steps,
-        seconds=seconds_before + time.perf_counter() - start_time,
+        seconds=elapsed(),
         trainable_params=sum(p.numel() for p in {id(p): p for s in candidates for p in path_params[s]}.values()),
         total_params=palette.total_parameters(),
         peak_rss_mb=peak_rss_mb(),
