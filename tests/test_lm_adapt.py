@@ -4,7 +4,7 @@ import subprocess
 import sys
 
 import datasets
-from helpers import SRC
+from helpers import SRC, esta, one_error_line
 from lm_fixtures import save_tiny_lm
 
 from esta.importance import SamplingConfig
@@ -45,8 +45,6 @@ def test_instruction_tuning_a_tiny_llama_family_end_to_end(tmp_path):
     assert sum(row["updates"] for row in dep["stitches"]) == 6
     assert (tmp_path / "run" / "deployed" / "budget00" / "tokenizer_config.json").is_file()
     # the deployed stitches generate and chat from the command line, chosen by budget
-    from test_cli import esta, one_error_line
-
     run = str(tmp_path / "run")
     biggest = max(d["params"] for d in r["deployed"]) / 1e6
     g = esta("generate", "--run", run, "--budget", f"{biggest + 1:.3f}", "--prompt", "w1 w2", "--max-new-tokens", "4")

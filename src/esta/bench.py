@@ -29,12 +29,13 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from .budget import AXES
 from .errors import EstaError
-from .evaluate import largest_drop
 from .families import MINI_FAMILY
 from .files import write_json, write_text
 from .methods import get_method
 from .report import bench_plot
+from .results import ACCURACY, METRICS, Metric, Point, RunResults, largest_fall
 
 log = logging.getLogger("esta.bench")
 
@@ -64,6 +65,7 @@ class BenchConfig:
     regret_methods: list[str] = field(default_factory=lambda: ["esta", "anchors-lora", "linear-probe"])
     out_dir: str = "runs/bench"
     threads: int | None = None  # torch threads per run (default: torch's own choice)
+    default_lrs: bool = True  # unswept methods run at their image default rate (False: the Task config's own)
     progress: bool = True
 
     @classmethod
@@ -76,16 +78,18 @@ class BenchConfig:
                       "methods": ["esta", "snnet", "anchors-lora", "linear-probe"], **kw})
 
 
-def _run(cfg: BenchConfig, task: str, method: str, seed: int, lr: float, out: Path, sweep: bool = True) -> dict:
-    """One ``esta train`` in a subprocess; its results.json (reused if this very command already finished)."""
+def _run(cfg: BenchConfig, task: str, method: str, seed: int, lr: float | None, out: Path,
+         sweep: bool = True) -> RunResults:
+    """One ``esta train`` in a subprocess; its typed results (reused if this very command already finished)."""
     results, made_by = out / "results.json", out / "bench_args.json"
     args = ["train", "--anchors", *cfg.anchors, "--data", task, "--method", method, "--seed", str(seed),
-            "--lr", repr(lr), "--steps", str(cfg.steps), "--batch-size", str(cfg.batch_size),
+            *(["--lr", repr(lr)] if lr is not None else []), "--steps", str(cfg.steps),
+            "--batch-size", str(cfg.batch_size),
             "--eval-examples", str(cfg.eval_examples), "--validation-examples", str(cfg.validation_examples),
             "--checkpoint-every", "0", "--out", str(out), "--no-progress"] + ([] if sweep else ["--no-sweep"])
     if results.is_file() and made_by.is_file():
-        if json.loads(made_by.read_text()) == args:  # a finished run of this very configuration: reuse it
-            return json.loads(results.read_text())
+        if json.loads(made_by.read_text()) == args and "run" in json.loads(results.read_text()):
+            return RunResults.from_json(json.loads(results.read_text()))  # a finished run of this very command
         log.info("%s was made with other settings (e.g. a --quick bench): running it again", out)
     shutil.rmtree(out, ignore_errors=True)  # the bench owns its run folders: an unfinished or other run goes
     out.mkdir(parents=True, exist_ok=True)
@@ -99,7 +103,7 @@ def _run(cfg: BenchConfig, task: str, method: str, seed: int, lr: float, out: Pa
         tail = (out / "log.txt").read_text().strip().splitlines()[-5:]
         raise EstaError(f"bench run {task}/{method}/seed{seed} failed (exit {code}):\n  " + "\n  ".join(tail))
     write_json(made_by, args)
-    return json.loads(results.read_text())
+    return RunResults.from_json(json.loads(results.read_text()))
 
 
 def slug(task: str) -> str:
@@ -111,57 +115,62 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def _points(rows_per_seed: list[list[dict]], keys: tuple[str, ...]) -> list[dict]:
-    """Per position (deployed budget, or anchor), mean and spread of the accuracy over seeds."""
+def _points(per_seed: list[list[Point]], metric: Metric) -> list[dict]:
+    """Per position (deployed budget, or anchor), mean and spread of the metric over seeds."""
     out = []
-    for rows in zip(*rows_per_seed):
-        accs = [r["accuracy"] for r in rows if r.get("accuracy") is not None]
-        mean, std = _mean_std(accs) if accs else (None, None)
-        point = {k: rows[0][k] for k in keys if k in rows[0]}
-        point.update({"flops": statistics.fmean(r["flops"] for r in rows), "accuracy": mean, "accuracy_std": std,
-                      "accuracy_per_seed": accs})
-        out.append(point)
+    for points in zip(*per_seed):
+        values = [p.value for p in points if p.value is not None]
+        mean, std = _mean_std(values) if values else (None, None)
+        first = points[0]
+        row = {"name": first.name, **({"budget": first.budget} if first.budget is not None else {}),
+               "updates": first.updates, "cost": statistics.fmean(p.cost for p in points),
+               "flops": statistics.fmean(p.flops for p in points) if first.flops is not None else None,
+               "params": first.params}
+        row.update({metric.name: mean, f"{metric.name}_std": std, f"{metric.name}_per_seed": values})
+        out.append(row)
     return out
 
 
-def summarise(runs: list[dict]) -> dict:
-    """One method on one task, over seeds: the fields of bench.json."""
-    means = [r["summary"]["mean_deployed_accuracy"] for r in runs]
-    regrets = [r["summary"]["mean_regret"] for r in runs if r["summary"]["mean_regret"] is not None]
-    regrets_b = [r["summary"].get("mean_regret_in_budget") for r in runs
-                 if r["summary"].get("mean_regret_in_budget") is not None]
+def summarise(runs: list[RunResults]) -> dict:
+    """One method on one task, over seeds: the fields of bench.json (named after the Task's metric, e.g.
+    ``mean_accuracy``, ``group_accuracy``; ``mean_perplexity`` for a language family)."""
+    m, first = runs[0].measure, runs[0]
+    means = [r.mean_deployed for r in runs]
+    regrets = [r.mean_regret for r in runs if r.mean_regret is not None]
+    regrets_b = [r.mean_regret_in_budget for r in runs if r.mean_regret_in_budget is not None]
     mean, std = _mean_std(means)
-    deployed = _points([r["deployed"] for r in runs], ("name", "budget"))
-    anchors = _points([r["anchors_in_palette"] for r in runs], ("name", "updates"))
+    deployed = _points([r.deployed for r in runs], m)
+    values = [d[m.name] for d in deployed]
     return {
+        "metric": m.name, "cost_axis": first.cost_axis,
         "deployed": deployed,
-        "anchors": anchors,
-        "group_accuracy": [d["accuracy"] for d in deployed],
-        "group_accuracy_std": [d["accuracy_std"] for d in deployed],
-        "group_flops": [d["flops"] for d in deployed],
-        "mean_accuracy": mean,
-        "mean_accuracy_std": std,
-        "mean_accuracy_per_seed": means,
-        "largest_drop": largest_drop([d["accuracy"] for d in deployed]),
-        "train_seconds": statistics.fmean(r["train"]["seconds"] for r in runs),
-        "train_seconds_per_seed": [r["train"]["seconds"] for r in runs],
-        "steps": runs[0]["train"]["steps"],
-        "trainable_params": runs[0]["train"]["trainable_params"],
-        "peak_rss_mb": max(r["train"]["peak_rss_mb"] for r in runs),
-        "train_rss_increase_mb": max(r["train"]["train_rss_increase_mb"] for r in runs),
-        "deploy_seconds": statistics.fmean(r["timing"]["select_seconds"] for r in runs),
-        "sweep_seconds": statistics.fmean(r["timing"]["sweep_seconds"] for r in runs),
+        "anchors": _points([r.anchors for r in runs], m),
+        f"group_{m.name}": values,
+        f"group_{m.name}_std": [d[f"{m.name}_std"] for d in deployed],
+        "group_cost": [d["cost"] for d in deployed],
+        f"mean_{m.name}": mean,
+        f"mean_{m.name}_std": std,
+        f"mean_{m.name}_per_seed": means,
+        "largest_drop": largest_fall(values, m) / m.scale,  # in the metric's own units (accuracy: a fraction)
+        "train_seconds": statistics.fmean(r.train_seconds for r in runs),
+        "train_seconds_per_seed": [r.train_seconds for r in runs],
+        "steps": first.steps,
+        "trainable_params": first.trainable_params,
+        "peak_rss_mb": max(r.peak_rss_mb for r in runs),
+        "train_rss_increase_mb": max(r.train_rss_increase_mb for r in runs),
+        "deploy_seconds": statistics.fmean(r.select_seconds for r in runs),
+        "sweep_seconds": statistics.fmean(r.sweep_seconds for r in runs),
         "mean_regret": statistics.fmean(regrets) if regrets else None,
         "mean_regret_in_budget": statistics.fmean(regrets_b) if regrets_b else None,
-        "deploy_by": runs[0].get("deploy_by"),
-        "lr": runs[0]["config"]["train"]["lr"],
-        "seeds": [r["config"]["train"]["seed"] for r in runs],
-        "anchor_accuracy": runs[0]["summary"]["anchor_accuracy"],
+        "deploy_by": first.deploy_by,
+        "lr": first.lr,
+        "seeds": [r.seed for r in runs],
     }
 
 
-def sweep_learning_rates(cfg: BenchConfig, bar: tqdm) -> tuple[dict[str, float], dict]:
-    """Per method, the grid rate with the best mean validation accuracy on the first task, seed 0."""
+def sweep_learning_rates(cfg: BenchConfig, bar: tqdm) -> tuple[dict[str, float | None], dict]:
+    """Per method, the grid rate with the best mean validation score (accuracy, or perplexity for a language
+    family) of its deployed networks on the first task, seed 0."""
     chosen: dict[str, float] = {}
     table: dict[str, dict[str, float]] = {}
     task = cfg.tasks[0]
@@ -174,15 +183,37 @@ def sweep_learning_rates(cfg: BenchConfig, bar: tqdm) -> tuple[dict[str, float],
             bar.set_description(f"lr sweep {method} lr={lr:g}")
             r = _run(cfg, task, method, 0, lr, Path(cfg.out_dir) / "lr-sweep" / slug(task) / method / f"lr{lr:g}",
                      sweep=False)
-            table[method][repr(lr)] = r["summary"]["mean_validation_accuracy"]
+            table[method][repr(lr)] = r.mean_validation
             bar.update(1)
-        chosen[method] = float(max(table[method], key=table[method].get))
+        scored = {k: v for k, v in table[method].items() if v is not None}
+        if not scored:
+            raise EstaError(f"the learning-rate sweep of {method} measured no validation score")
+        best = r.measure.best(list(scored.values()))
+        chosen[method] = float(next(k for k, v in scored.items() if v == best))
     for method in cfg.methods:  # the other PST variants share ESTA's rate: same parameters, same scale
         if method not in chosen:
             m = get_method(method)
             esta_like = not m.full_finetune and method in LR_GRID
-            chosen[method] = chosen["esta"] if "esta" in chosen and esta_like else m.lr
+            chosen[method] = chosen["esta"] if "esta" in chosen and esta_like else m.lr if cfg.default_lrs else None
     return chosen, table
+
+
+def for_family(cfg: BenchConfig) -> BenchConfig:
+    """The bench as the family's Task can run it: methods that do not apply to it are skipped (a linear probe has
+    no new head to fit on a language family), and the learning-rate grids, which are image ones, are not swept for
+    a language family (each method runs at the Task's default rate)."""
+    from dataclasses import replace
+
+    from .families import source_kind
+    from .tasks import task_for_family
+
+    _, task_cls = task_for_family(source_kind(cfg.anchors[0]))
+    skipped = [m for m in cfg.methods if task_cls.methods is not None and m not in task_cls.methods]
+    if skipped:
+        log.info("%s do not apply to %s: skipped", ", ".join(skipped), task_cls.kind)
+    image = task_cls.kind == "image-classification"
+    return replace(cfg, methods=[m for m in cfg.methods if m not in skipped], lr_sweep=cfg.lr_sweep and image,
+                   default_lrs=image)
 
 
 def run_bench(cfg: BenchConfig) -> dict:
@@ -190,6 +221,7 @@ def run_bench(cfg: BenchConfig) -> dict:
         get_method(m)
     if cfg.steps < 1:
         raise EstaError(f"bench steps must be >= 1, got {cfg.steps}")
+    cfg = for_family(cfg)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     n_sweep = sum(len(LR_GRID.get(m) or []) for m in cfg.methods) if cfg.lr_sweep else 0
@@ -224,66 +256,66 @@ def _write(cfg: BenchConfig, out: Path, tasks: dict, lrs: dict, lr_table: dict, 
     return bench
 
 
-def _diff(a: dict, b: dict) -> tuple[float, float]:
-    """Mean difference of two methods' mean deployed accuracy (points), and its spread over paired seeds."""
-    pa, pb = a["mean_accuracy_per_seed"], b["mean_accuracy_per_seed"]
-    diffs = [100 * (x - y) for x, y in zip(pa, pb)]
+def _diff(a: dict, b: dict, m: Metric) -> tuple[float, float]:
+    """How much better method a's mean deployed score is than b's (display units: points of accuracy, or
+    perplexity), and its spread over paired seeds."""
+    pa, pb = a[f"mean_{m.name}_per_seed"], b[f"mean_{m.name}_per_seed"]
+    diffs = [m.gain(x, y) for x, y in zip(pa, pb)]
     return statistics.fmean(diffs), (statistics.stdev(diffs) if len(diffs) > 1 else 0.0)
 
 
-def best_within(deployed: list[dict], flops: float) -> float | None:
-    """The best mean accuracy among deployed networks that cost at most ``flops`` (with the slack)."""
-    fits = [d["accuracy"] for d in deployed if d["accuracy"] is not None and d["flops"] <= FLOPS_SLACK * flops]
-    return max(fits) if fits else None
+def best_within(deployed: list[dict], cost: float, m: Metric = ACCURACY) -> float | None:
+    """The best mean score among deployed networks that cost at most ``cost`` (with the slack)."""
+    fits = [d[m.name] for d in deployed if d[m.name] is not None and d["cost"] <= FLOPS_SLACK * cost]
+    return m.best(fits) if fits else None
 
 
 def claims(tasks: dict) -> dict:
-    """The issue's goals, checked on the measured numbers."""
+    """The issue's goals, checked on the measured numbers (differences in display units: points, or perplexity;
+    positive: ESTA better)."""
     out = {}
-    for task, m in tasks.items():
+    for task, methods in tasks.items():
         c: dict = {}
-        if "esta" in m:
-            e = m["esta"]
-            c["esta_largest_drop_points"] = 100 * e["largest_drop"]
-            c["esta_mean_regret_points"] = 100 * e["mean_regret"] if e["mean_regret"] is not None else None
-            c["esta_mean_regret_in_budget_points"] = (100 * e["mean_regret_in_budget"]
+        m = METRICS[next(iter(methods.values()))["metric"]]
+        if "esta" in methods:
+            e = methods["esta"]
+            c["esta_largest_drop_points"] = m.scale * e["largest_drop"]
+            c["esta_mean_regret_points"] = m.scale * e["mean_regret"] if e["mean_regret"] is not None else None
+            c["esta_mean_regret_in_budget_points"] = (m.scale * e["mean_regret_in_budget"]
                                                       if e["mean_regret_in_budget"] is not None else None)
             per_anchor = []
             for ref_name in ("anchors-lora", "linear-probe"):
-                if ref_name not in m:
-                    continue
-                for a in m[ref_name]["anchors"]:
-                    best = best_within(e["deployed"], a["flops"])
-                    per_anchor.append({"reference": ref_name, "anchor": a["name"], "flops": a["flops"],
-                                       "reference_accuracy": a["accuracy"], "esta_best_within": best,
-                                       "esta_minus_reference_points": None if best is None or a["accuracy"] is None
-                                       else 100 * (best - a["accuracy"])})
+                for a in methods.get(ref_name, {}).get("anchors", []):
+                    best = best_within(e["deployed"], a["cost"], m)
+                    per_anchor.append({"reference": ref_name, "anchor": a["name"], "cost": a["cost"],
+                                       "flops": a["flops"], "reference_value": a[m.name], "esta_best_within": best,
+                                       "esta_minus_reference_points": None if best is None or a[m.name] is None
+                                       else m.gain(best, a[m.name])})
             c["esta_at_anchor_budgets"] = per_anchor
-        if "esta" in m and "snnet" in m:
-            e, s = m["esta"], m["snnet"]
-            c["esta_minus_snnet_mean_points"], c["esta_minus_snnet_spread"] = _diff(e, s)
-            c["groups_esta_at_least_snnet"] = sum(a >= b for a, b in zip(e["group_accuracy"], s["group_accuracy"]))
-            c["groups"] = len(e["group_accuracy"])
+        if "esta" in methods and "snnet" in methods:
+            e, s = methods["esta"], methods["snnet"]
+            c["esta_minus_snnet_mean_points"], c["esta_minus_snnet_spread"] = _diff(e, s, m)
+            c["groups_esta_at_least_snnet"] = sum(m.gain(a, b) >= 0 for a, b in zip(e[f"group_{m.name}"],
+                                                                                    s[f"group_{m.name}"]))
+            c["groups"] = len(e[f"group_{m.name}"])
             c["train_time_ratio"] = e["train_seconds"] / s["train_seconds"]
             c["trainable_params_ratio"] = e["trainable_params"] / s["trainable_params"]
             c["peak_rss_ratio"] = e["peak_rss_mb"] / s["peak_rss_mb"]
             c["train_rss_increase_ratio"] = (e["train_rss_increase_mb"] / s["train_rss_increase_mb"]
                                              if s["train_rss_increase_mb"] else None)
             c["deploy_time_ratio"] = e["deploy_seconds"] / s["deploy_seconds"] if s["deploy_seconds"] else None
-        if "esta" in m and "esta-uniform" in m:
-            c["importance_minus_uniform_points"], c["importance_minus_uniform_spread"] = _diff(m["esta"],
-                                                                                               m["esta-uniform"])
-        if "esta" in m and "esta-shared-bias" in m:
+        if "esta" in methods and "esta-uniform" in methods:
+            c["importance_minus_uniform_points"], c["importance_minus_uniform_spread"] = _diff(
+                methods["esta"], methods["esta-uniform"], m)
+        if "esta" in methods and "esta-shared-bias" in methods:
             c["per_stitch_minus_shared_bias_points"], c["per_stitch_minus_shared_bias_spread"] = _diff(
-                m["esta"], m["esta-shared-bias"])
+                methods["esta"], methods["esta-shared-bias"], m)
         out[task] = c
     return out
 
 
-def _pct(v: float | None, spread: float | None = None) -> str:
-    if v is None:
-        return "-"
-    return f"{100 * v:.1f}" + (f" ± {100 * spread:.1f}" if spread else "")
+def _show(m: Metric, v: float | None, spread: float | None = None) -> str:
+    return m.show(v) + (f" ± {m.show(spread)}" if v is not None and spread else "")
 
 
 def markdown(bench: dict) -> str:
@@ -292,40 +324,44 @@ def markdown(bench: dict) -> str:
              f"{cfg['batch_size']}, {cfg['eval_examples']} evaluation examples per task; ± is the standard deviation "
              "over seeds)", ""]
     for task, methods in bench["tasks"].items():
+        first = next(iter(methods.values()))
+        m, axis = METRICS[first["metric"]], AXES[first["cost_axis"]]
+        short = "acc %" if m is ACCURACY else m.name
         lines += [f"## {task}", "",
-                  "| method | mean acc % | acc % per budget (cheap → costly) | anchors in the run (acc %) | train s "
-                  "| trainable params | peak RSS MB | regret (in budget) points | lr |",
+                  f"| method | mean {short} | {short} per budget (cheap → costly) | anchors in the run ({short}) "
+                  "| train s | trainable params | peak RSS MB | regret (in budget) points | lr |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for name, r in methods.items():
-            groups = " ".join(_pct(d["accuracy"]) for d in r["deployed"])
-            anchors = ", ".join(f"{a['name']} {_pct(a['accuracy'], a['accuracy_std'])}" for a in r["anchors"]
-                                if a["accuracy"] is not None) or "-"
-            regret = (f"{100 * r['mean_regret']:.2f} ({100 * r['mean_regret_in_budget']:.2f})"
+            groups = " ".join(_show(m, d[m.name]) for d in r["deployed"])
+            anchors = ", ".join(f"{a['name']} {_show(m, a[m.name], a[f'{m.name}_std'])}" for a in r["anchors"]
+                                if a[m.name] is not None) or "-"
+            regret = (f"{m.scale * r['mean_regret']:.2f} ({m.scale * r['mean_regret_in_budget']:.2f})"
                       if r["mean_regret"] is not None and r["mean_regret_in_budget"] is not None else "-")
-            lines.append(f"| {name} | {_pct(r['mean_accuracy'], r['mean_accuracy_std'])} | {groups} | {anchors} "
-                         f"| {r['train_seconds']:.0f} | {r['trainable_params']:,} | {r['peak_rss_mb']:.0f} "
-                         f"| {regret} | {r['lr']:g} |")
+            lines.append(f"| {name} | {_show(m, r[f'mean_{m.name}'], r[f'mean_{m.name}_std'])} | {groups} "
+                         f"| {anchors} | {r['train_seconds']:.0f} | {r['trainable_params']:,} "
+                         f"| {r['peak_rss_mb']:.0f} | {regret} | {r['lr']:g} |")
         c = bench["claims"].get(task, {})
+        unit = m.diff_unit
         lines.append("")
         if "esta_minus_snnet_mean_points" in c:
-            lines.append(f"- ESTA − SN-Net: {c['esta_minus_snnet_mean_points']:+.2f} ± "
-                         f"{c['esta_minus_snnet_spread']:.2f} points mean; ESTA ≥ SN-Net in "
-                         f"{c['groups_esta_at_least_snnet']}/{c['groups']} budgets; ESTA/SN-Net: training time "
+            lines.append(f"- ESTA better than SN-Net by {c['esta_minus_snnet_mean_points']:+.2f} ± "
+                         f"{c['esta_minus_snnet_spread']:.2f} {unit} (mean deployed {m.name}); ESTA at least as good "
+                         f"in {c['groups_esta_at_least_snnet']}/{c['groups']} budgets; ESTA/SN-Net: training time "
                          f"{c['train_time_ratio']:.2f}×, trainable params {c['trainable_params_ratio']:.3f}×, "
                          f"peak RSS {c['peak_rss_ratio']:.2f}×")
         if "esta_largest_drop_points" in c:
-            lines.append(f"- ESTA's deployed accuracy never falls more than {c['esta_largest_drop_points']:.2f} "
-                         "points below a cheaper deployed network")
+            lines.append(f"- ESTA's deployed {m.name} is never more than {c['esta_largest_drop_points']:.2f} {unit} "
+                         "worse than a cheaper deployed network's")
         for row in c.get("esta_at_anchor_budgets", []):
             if row["esta_minus_reference_points"] is not None:
-                lines.append(f"- at {row['anchor']}'s cost ({row['flops'] / 1e9:.3f} GFLOPs): ESTA's best "
-                             f"{_pct(row['esta_best_within'])} % vs {row['reference']} "
-                             f"{_pct(row['reference_accuracy'])} % ({row['esta_minus_reference_points']:+.2f})")
+                lines.append(f"- at {row['anchor']}'s cost ({axis.show(row['cost'])}): ESTA's best "
+                             f"{_show(m, row['esta_best_within'])} vs {row['reference']} "
+                             f"{_show(m, row['reference_value'])} ({row['esta_minus_reference_points']:+.2f} {unit})")
         if "importance_minus_uniform_points" in c:
             lines.append(f"- importance − uniform sampling: {c['importance_minus_uniform_points']:+.2f} ± "
-                         f"{c['importance_minus_uniform_spread']:.2f} points")
+                         f"{c['importance_minus_uniform_spread']:.2f} {unit}")
         if "per_stitch_minus_shared_bias_points" in c:
             lines.append(f"- stitch-specific − shared bias: {c['per_stitch_minus_shared_bias_points']:+.2f} ± "
-                         f"{c['per_stitch_minus_shared_bias_spread']:.2f} points")
+                         f"{c['per_stitch_minus_shared_bias_spread']:.2f} {unit}")
         lines.append("")
     return "\n".join(lines)

@@ -66,36 +66,56 @@ def given(**kw) -> dict:
     return {k: v for k, v in kw.items() if v is not None}
 
 
+#: flags of ``esta train`` that only image classification reads (given with a language family: refused)
+_IMAGE_ONLY = {"head_init": "--head-init", "stitch_cls_weight": "--stitch-cls-weight", "strict": "--strict",
+               "validation_sweep": "--validation-sweep", "head_lr_scale": "--head-lr-scale", "compare": "--compare"}
+
+
 def _adapt_config(args: argparse.Namespace, **overrides):
-    from .adapt import AdaptConfig
-    from .importance import SamplingConfig
+    """The run's config from ``esta train``'s flags: image classification or, for a causal-LM family,
+    instruction tuning (flags left unset keep the config's own defaults)."""
+    from dataclasses import replace
+
+    from .families import source_kind
+    from .methods import get_method
     from .pst import PSTConfig
+    from .tasks import task_for_family
     from .train import TrainConfig
 
-    sampling = SamplingConfig(uniform=args.uniform_sampling,
-                              **given(groups=args.groups, beta=args.beta, tau=args.tau, eps=args.eps,
-                                      anchor_share=args.anchor_share, score=args.score, spacing=args.group_spacing))
-    from .methods import get_method
-
-    lr = args.lr if args.lr is not None else get_method(args.method).lr
-    train_cfg = TrainConfig(epochs=args.epochs, steps=args.steps, lr=lr, sampling=sampling,
-                            **given(batch_size=args.batch_size, seed=args.seed, checkpoint_every=args.checkpoint_every,
-                                    score_init_batch=args.score_init_batch, head_lr_scale=args.head_lr_scale))
+    config_cls, task_cls = task_for_family(source_kind(args.anchors[0]))
+    base = config_cls()
+    sampling = replace(base.train.sampling, uniform=args.uniform_sampling or base.train.sampling.uniform,
+                       **given(groups=args.groups, beta=args.beta, tau=args.tau, eps=args.eps,
+                               anchor_share=args.anchor_share, score=args.score, spacing=args.group_spacing))
     pst = PSTConfig(**given(lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, stitch_lora_rank=args.stitch_lora_rank,
                             bias=args.bias,
                             lora_targets=tuple(args.lora_targets.split(",")) if args.lora_targets else None))
-    cfg = dict(anchors=args.anchors, data=args.data, out_dir=args.out, method=args.method, kernel=args.kernel,
-               stride=args.stride, pairing=args.pairing, two_way=args.two_way, pst=pst, train=train_cfg,
-               budgets=_floats(args.budgets) if args.budgets else None, sweep=not args.no_sweep,
-               resume=args.resume, overwrite=args.overwrite, validation_sweep=args.validation_sweep,
-               progress=not args.no_progress, strict=args.strict,
-               **given(head_init=args.head_init, deploy_by=args.deploy_by,
-                       calibration_examples=args.calibration_examples, stitch_cls_weight=args.stitch_cls_weight,
-                       validation_examples=args.validation_examples))
-    if args.eval_examples is not None:  # 0: the whole test split
-        cfg["eval_examples"] = args.eval_examples or None
+    common = dict(anchors=args.anchors, data=args.data, out_dir=args.out, method=args.method, kernel=args.kernel,
+                  stride=args.stride, pairing=args.pairing, two_way=args.two_way, pst=pst,
+                  budgets=args.budgets.split(",") if args.budgets else None, resume=args.resume,
+                  overwrite=args.overwrite, progress=not args.no_progress,
+                  **given(deploy_by=args.deploy_by, calibration_examples=args.calibration_examples,
+                          validation_examples=args.validation_examples))
+    if task_cls.kind == "instruction-tuning":
+        image_only = [flag for key, flag in _IMAGE_ONLY.items() if getattr(args, key, None) not in (None, False, "")]
+        if image_only:
+            raise EstaError(f"{', '.join(image_only)} apply to image classification only; {args.anchors[0]} is a "
+                            f"causal language model")
+        train_cfg = replace(base.train, sampling=sampling, **given(
+            steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+            checkpoint_every=args.checkpoint_every, score_init_batch=args.score_init_batch))
+        cfg = dict(common, train=train_cfg, **given(heldout_examples=args.eval_examples or None))
+    else:
+        lr = args.lr if args.lr is not None else get_method(args.method).lr
+        train_cfg = TrainConfig(epochs=args.epochs, steps=args.steps, lr=lr, sampling=sampling, **given(
+            batch_size=args.batch_size, seed=args.seed, checkpoint_every=args.checkpoint_every,
+            score_init_batch=args.score_init_batch, head_lr_scale=args.head_lr_scale))
+        cfg = dict(common, train=train_cfg, sweep=not args.no_sweep, validation_sweep=args.validation_sweep,
+                   strict=args.strict, **given(head_init=args.head_init, stitch_cls_weight=args.stitch_cls_weight))
+        if args.eval_examples is not None:  # 0: the whole test split
+            cfg["eval_examples"] = args.eval_examples or None
     cfg.update(overrides)
-    return AdaptConfig(**cfg)
+    return config_cls(**cfg)
 
 
 def _print_summary(results: dict, out: str) -> None:
@@ -125,19 +145,22 @@ def _print_summary(results: dict, out: str) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .adapt import adapt, compare_alone
+    from .recipe import compare_alone, run
 
     if args.config:
         from dataclasses import replace
 
-        from .adapt import AdaptConfig
+        from .tasks import AdaptConfig
 
         config = replace(AdaptConfig.from_file(args.config), out_dir=args.out, resume=args.resume,
                          overwrite=args.overwrite, progress=not args.no_progress)
     else:
         config = _adapt_config(args)
-    results = adapt(config)
+    results = run(config)
     if not results:  # another process of a multi-process run: the main one reports
+        return 0
+    if "stitches" not in results:  # a language run
+        _print_lm_summary(results, args.out)
         return 0
     compare = [m for m in args.compare.split(",") if m.strip()]
     if compare and results["method"] not in compare:
@@ -155,23 +178,25 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         print(f"wrote the whole palette to {folder} ({size:.1f} MB): load it with esta.serving.load_palette")
         return 0
 
-    for d in redeploy(args.run, _floats(args.budgets) if args.budgets else None, args.out,
-                      allow_unfinished=args.allow_unfinished):
-        print(f"budget {d['budget'] / 1e9:.3f} GFLOPs -> {d['name']} ({d['flops'] / 1e9:.3f} GFLOPs): {d['path']}")
+    from .budget import AXES
+
+    for d in redeploy(args.run, args.budgets or None, args.out, allow_unfinished=args.allow_unfinished):
+        axis = next(a for key, a in AXES.items() if key in d)
+        print(f"budget {axis.show(d['budget'])} -> {d['name']} ({axis.show(d[axis.key])}): {d['path']}")
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .data import load_image_task
     from .deploy import DeployedStitch
     from .evaluate import accuracy
 
     model = DeployedStitch.from_pretrained(args.model)
     front = model.front
-    if front.family != "vision":
-        raise EstaError(f"{args.model} is a {front.family} stitch: esta evaluate measures image classifiers; "
-                        f"language stitches are evaluated by esta lm-train (perplexity, multiple choice) and "
-                        f"tried with esta generate / esta chat")
+    if front.family == "causal-lm":
+        print(json.dumps(_evaluate_lm(model, args)))
+        return 0
+    from .data import load_image_task
+
     task = load_image_task(args.data, image_size=front.image_size, num_channels=front.num_channels, seed=args.seed)
     classes = model.meta.get("classes")
     if classes is not None and len(classes) != len(task.classes):
@@ -179,6 +204,20 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     acc = accuracy(model, task.test, progress=not args.no_progress)
     print(json.dumps({"model": args.model, "data": args.data, "examples": len(task.test), "accuracy": acc}))
     return 0
+
+
+def _evaluate_lm(model, args: argparse.Namespace) -> dict:
+    """Perplexity of a deployed language stitch on Alpaca-format records (every record's whole text)."""
+    from transformers import AutoTokenizer
+
+    from .instruct import load_records, record_text
+    from .lm_eval import perplexity, text_batches
+
+    records = load_records(args.data)[: args.examples or None]
+    tok = AutoTokenizer.from_pretrained(args.model, trust_remote_code=False)
+    batches = text_batches(tok, [record_text(r) for r in records], args.max_length)
+    ppl = perplexity(model, batches, not args.no_progress, "perplexity")["perplexity"]
+    return {"model": args.model, "data": args.data, "examples": len(records), "perplexity": ppl}
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -317,13 +356,17 @@ def cmd_lm_train(args: argparse.Namespace) -> int:
     r = adapt_lm(cfg)
     if not r:  # another process of a multi-process run: the main one reports
         return 0
+    _print_lm_summary(r, args.out)
+    return 0
+
+
+def _print_lm_summary(r: dict, out: str) -> None:
     print(f"{'':28}{'params M':>9} {'ppl':>8} {'MC acc %':>9}")
     for row in r["anchors"] + r["deployed"]:
         name = row.get("name") or ("anchor " + Path(row["source"]).name)
         mc = f"{100 * row['mc_accuracy']:9.2f}" if row["mc_accuracy"] is not None else f"{'-':>9}"
         print(f"{name[:27]:28}{row['params'] / 1e6:9.1f} {row['perplexity']:8.2f} {mc}")
-    print(f"wrote {args.out}/results.json, {args.out}/metrics.png, {args.out}/deployed/")
-    return 0
+    print(f"wrote {out}/results.json, {out}/metrics.png, {out}/deployed/")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -409,7 +452,8 @@ def _train_args(p: argparse.ArgumentParser, out: str, epochs: float, compare: st
     p.add_argument("--compare", default=compare,
                    help="also run these reference methods with the same data, seed and steps, and show their anchors "
                    f"beside the palette's (anchors-lora, linear-probe; default {compare or 'none'}; '' for none)")
-    p.add_argument("--budgets", default="", help="comma-separated GFLOPs budgets to deploy (default: one per group)")
+    p.add_argument("--budgets", default="", help="comma-separated budgets to deploy (default: one per group): GFLOPs "
+                   "for images, millions of parameters for language models, or with a unit (0.2GFLOPs, 300M)")
     p.add_argument("--eval-examples", type=int, default=None,
                    help="stratified test examples for every accuracy (0 = the whole test split)")
     p.add_argument("--validation-examples", type=int, default=None,
@@ -524,9 +568,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
         p.set_defaults(func=cmd_generate if name == "generate" else cmd_chat)
 
-    p = sub.add_parser("deploy", help="deploy again from a finished run, e.g. for other budgets")
+    p = sub.add_parser("deploy", help="deploy again from a finished run (image or language), e.g. for other budgets")
     p.add_argument("--run", required=True, help="the run folder (with run.json and checkpoint/)")
-    p.add_argument("--budgets", default="", help="comma-separated GFLOPs budgets (default: one per group)")
+    p.add_argument("--budgets", default="", help="comma-separated budgets (default: one per group): GFLOPs for "
+                   "images, millions of parameters for language models, or with a unit (0.2GFLOPs, 300M)")
     p.add_argument("--out", default=None, help="where to write (default RUN/deployed; replaced whole, with a "
                    "manifest.json of what it holds)")
     p.add_argument("--allow-unfinished", action="store_true",
@@ -548,10 +593,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tolerance", type=float, default=1e-4, help="largest accepted |onnxruntime - torch|")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("evaluate", help="accuracy of a deployed stitch on a task's test split")
+    p = sub.add_parser("evaluate", help="accuracy of a deployed image stitch on a task's test split, or perplexity "
+                       "of a deployed language stitch on Alpaca-format records")
     p.add_argument("--model", required=True, help="a deployed stitch folder")
-    p.add_argument("--data", required=True)
+    p.add_argument("--data", required=True, help="an image task (see esta train --data), or a .json/.jsonl of "
+                   "Alpaca records for a language stitch")
     p.add_argument("--seed", type=int, default=0, help="seed of the task's train/test split")
+    p.add_argument("--examples", type=int, default=0, help="language: the first N records (default all)")
+    p.add_argument("--max-length", type=int, default=256, help="language: tokens per record (default 256)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_evaluate)
 

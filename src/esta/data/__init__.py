@@ -19,6 +19,7 @@ from ..errors import EstaError
 from .arrays import TensorImageDataset, stratified_split
 from .builtin import BUILTIN_TASKS, load_builtin
 from .folder import IMAGE_EXTENSIONS, ImageFolderDataset, read_image_folder
+from .splits import held_out_sets, materialize, warn_missing_classes
 
 __all__ = [
     "BUILTIN_TASKS",
@@ -26,8 +27,11 @@ __all__ = [
     "ImageTask",
     "TensorImageDataset",
     "default_cache_dir",
+    "held_out_sets",
     "load_image_task",
+    "materialize",
     "stratified_split",
+    "warn_missing_classes",
 ]
 
 # What a hub dataset name looks like ("name" or "owner/name"); anything else that does not exist is a missing path.

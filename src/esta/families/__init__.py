@@ -10,18 +10,25 @@ import torch
 from transformers import AutoConfig
 
 from ..errors import EstaError
-from .base import Anchor
-from .causal_lm import (
-    LM_MODELS,
-    CausalLMAnchor,
-    check_tokenizers,
-    convert_gguf,
-    load_causal_lm_anchor,
-)
-from .vision import PREFIX_TOKENS, VISION_MODELS, VisionAnchor, load_vision_anchor
+from . import causal_lm, vision
+from .base import Anchor, FamilyKind
+from .causal_lm import CausalLMAnchor, convert_gguf
+from .vision import VisionAnchor
 
-__all__ = ["Anchor", "VisionAnchor", "CausalLMAnchor", "load_anchor", "load_family", "family_kind", "MINI_FAMILY",
-           "mini_family_paths", "anchor_names"]
+#: every kind of family esta can stitch: loading, the CLI and deployment all look here. A new kind is one file
+#: (an Anchor subclass and its ``FAMILY``) and one entry below.
+FAMILIES: dict[str, FamilyKind] = {f.name: f for f in (vision.FAMILY, causal_lm.FAMILY)}
+
+
+def anchor_class(family: str) -> type[Anchor]:
+    """The Anchor class of a family kind (e.g. to rebuild a deployed stitch's parts)."""
+    if family not in FAMILIES:
+        raise EstaError(f"unknown anchor family {family!r}; esta knows {', '.join(FAMILIES)}")
+    return FAMILIES[family].anchor_class
+
+__all__ = ["Anchor", "VisionAnchor", "CausalLMAnchor", "FAMILIES", "FamilyKind", "anchor_class", "load_anchor",
+           "load_family", "family_kind", "MINI_FAMILY",
+           "mini_family_paths", "anchor_names", "source_kind"]
 
 #: esta's own pretrained mini DeiT family (Fashion-MNIST), shipped inside the package.
 MINI_FAMILY = "esta-mini"
@@ -66,14 +73,21 @@ def _config(source: str) -> tuple[object, bool]:
 
 
 def family_kind(config: object) -> str:
-    if getattr(config, "model_type", None) in VISION_MODELS:
+    model_type = getattr(config, "model_type", None)
+    for family in FAMILIES.values():
+        if model_type in family.model_types:
+            return family.name
+    known = "; ".join(f"{f.name}: {', '.join(sorted(f.model_types))}" for f in FAMILIES.values())
+    raise EstaError(f"model type {model_type or '?'!r} is not supported as an anchor ({known})")
+
+
+def source_kind(source: str) -> str:
+    """The family kind of one anchor source ("vision" or "causal-lm"), from its config alone (no weights)."""
+    if source == MINI_FAMILY:
         return "vision"
-    if getattr(config, "model_type", None) in LM_MODELS:
+    if source.endswith(".gguf"):
         return "causal-lm"
-    raise EstaError(
-        f"model type {getattr(config, 'model_type', '?')!r} is not supported as an anchor; "
-        f"vision anchors: {', '.join(sorted(VISION_MODELS))}; causal LMs: {', '.join(LM_MODELS)}"
-    )
+    return family_kind(_config(source)[0])
 
 
 @contextmanager
@@ -96,11 +110,7 @@ def quiet_transformers():
 def load_anchor(source: str, num_labels: int | None = None, dtype: torch.dtype = torch.float32) -> Anchor:
     config, local = _config(source)
     with quiet_transformers():
-        if family_kind(config) == "vision":
-            return load_vision_anchor(source, config, num_labels, local, dtype)
-        if family_kind(config) == "causal-lm":
-            return load_causal_lm_anchor(source, config, local, dtype)
-    raise AssertionError("unreachable")
+        return FAMILIES[family_kind(config)].load(source, config, num_labels, local, dtype)
 
 
 def load_family(sources: list[str] | str, num_labels: int | None = None,
@@ -120,25 +130,6 @@ def load_family(sources: list[str] | str, num_labels: int | None = None,
     kinds = {family_kind(c) for c in configs}
     if len(kinds) > 1:
         raise EstaError(f"cannot stitch anchors of different kinds: {sorted(kinds)}")
-    if kinds == {"vision"}:
-        _check_vision(sources, configs)
-    if kinds == {"causal-lm"}:
-        check_tokenizers(sources)
+    FAMILIES[kinds.pop()].check(sources, configs)
     anchors = [load_anchor(s, num_labels, dtype) for s in sources]
     return sorted(anchors, key=lambda a: sum(p.numel() for p in a.blocks.parameters()))
-
-
-def _check_vision(sources: list[str], configs: list) -> None:
-    def fields(c) -> dict:
-        as_int = lambda v: int(v if isinstance(v, int) else v[0])  # noqa: E731
-        return {"image_size": as_int(c.image_size), "patch_size": as_int(c.patch_size),
-                "num_channels": int(c.num_channels), "prefix tokens": PREFIX_TOKENS[c.model_type]}
-
-    ref = fields(configs[0])
-    for src, c in zip(sources[1:], configs[1:]):
-        for k, v in fields(c).items():
-            if v != ref[k]:
-                raise EstaError(
-                    f"anchors cannot be stitched: {k} differs ({sources[0]}: {ref[k]}, {src}: {v}); "
-                    "every anchor of a vision family needs the same image size, patch size, channels and prefix tokens"
-                )

@@ -9,7 +9,8 @@ and the end anchor's last blocks and head; ``first_block`` says where the kept b
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -142,3 +143,18 @@ def load_weights(source: str, load: Any) -> Any:
         if type(e).__name__ == "SafetensorError":
             raise EstaError(f"anchor {source!r}: model.safetensors is damaged ({e})") from e
         raise
+
+
+@dataclass(frozen=True)
+class FamilyKind:
+    """One kind of anchor family, as the registry (``esta.families.FAMILIES``) knows it: which transformers
+    ``model_type`` values it takes, its Anchor class, how to load one anchor, and what every anchor of a family must
+    share (checked before any weights are loaded)."""
+
+    name: str  # "vision", "causal-lm"
+    anchor_class: type
+    model_types: tuple[str, ...]
+    #: (source, config, num_labels, local, dtype) -> Anchor
+    load: Callable[..., Anchor]
+    #: (sources, configs) -> None, raising EstaError naming what differs
+    check: Callable[[list[str], list[Any]], None] = lambda sources, configs: None

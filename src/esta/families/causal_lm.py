@@ -24,7 +24,13 @@ from transformers.masking_utils import (
 )
 
 from ..errors import EstaError
-from .base import Anchor, class_path, import_transformers_class, load_weights
+from .base import (
+    Anchor,
+    FamilyKind,
+    class_path,
+    import_transformers_class,
+    load_weights,
+)
 
 log = logging.getLogger("esta")
 
@@ -204,3 +210,8 @@ def convert_gguf(path: str | Path, cache_dir: str | Path | None = None, dtype: t
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return str(out)
+
+
+FAMILY = FamilyKind("causal-lm", CausalLMAnchor, LM_MODELS,
+                    lambda source, config, num_labels, local, dtype: load_causal_lm_anchor(source, config, local, dtype),
+                    lambda sources, configs: check_tokenizers(sources))

@@ -17,7 +17,13 @@ from torch import nn
 from transformers import AutoConfig, DeiTModel, PretrainedConfig, ViTModel
 
 from ..errors import EstaError
-from .base import Anchor, class_path, import_transformers_class, load_weights
+from .base import (
+    Anchor,
+    FamilyKind,
+    class_path,
+    import_transformers_class,
+    load_weights,
+)
 
 VISION_MODELS: dict[str, type] = {"vit": ViTModel, "deit": DeiTModel}
 #: prefix tokens before the patches ([CLS], and DeiT's distillation token): stitched anchors must agree.
@@ -247,3 +253,26 @@ def load_vision_anchor(source: str, config: PretrainedConfig, num_labels: int | 
     if num_labels is not None:
         anchor.new_task_head(num_labels)
     return anchor
+
+
+def check_vision_family(sources: list[str], configs: list) -> None:
+    """Every anchor of a vision family needs the same image size, patch size, channels and prefix tokens."""
+    def fields(c) -> dict:
+        as_int = lambda v: int(v if isinstance(v, int) else v[0])  # noqa: E731
+        return {"image_size": as_int(c.image_size), "patch_size": as_int(c.patch_size),
+                "num_channels": int(c.num_channels), "prefix tokens": PREFIX_TOKENS[c.model_type]}
+
+    ref = fields(configs[0])
+    for src, c in zip(sources[1:], configs[1:]):
+        for k, v in fields(c).items():
+            if v != ref[k]:
+                raise EstaError(
+                    f"anchors cannot be stitched: {k} differs ({sources[0]}: {ref[k]}, {src}: {v}); "
+                    "every anchor of a vision family needs the same image size, patch size, channels and prefix tokens"
+                )
+
+
+FAMILY = FamilyKind("vision", VisionAnchor, tuple(VISION_MODELS),
+                    lambda source, config, num_labels, local, dtype: load_vision_anchor(source, config, num_labels,
+                                                                                       local, dtype),
+                    check_vision_family)

