@@ -85,8 +85,10 @@ def test_the_same_commands_run_a_language_family_end_to_end(tmp_path, lm_family)
     assert d.returncode == 0, d.stderr
     assert "M parameters" in d.stdout and len(list((out / "deployed").glob("budget*"))) == 1
     assert (out / "deployed" / "budget00" / "tokenizer_config.json").is_file()
+    redeployed = RunResults.from_json(json.loads((out / "results.json").read_text()))
+    assert [p.cost for p in redeployed.deployed] == [smallest]  # the typed results follow the new deployment
     one_error_line(esta("deploy", "--run", str(out), "--budgets", "1e-9M"), "below the cheapest")
-    one_error_line(esta("deploy", "--run", str(out), "--budgets", "0.2GFLOPs"), "unknown unit")
+    one_error_line(esta("deploy", "--run", str(out), "--budgets", "0.2GFLOPs"), "budgets are M parameters")
 
     # evaluate a deployed language stitch: perplexity on records
     e = esta("evaluate", "--model", str(out / "deployed" / "budget00"), "--data", data, "--examples", "10")

@@ -77,3 +77,50 @@ def test_the_server_answers_each_budget_with_its_stitch_and_refuses_bad_requests
     assert client.post("/classify?budget_gflops=1", content=b"not an image").status_code == 400
     assert client.post("/classify?budget_gflops=1", content=b"x" * 6000).status_code == 413
     assert client.post("/classify", content=png.getvalue()).status_code == 422  # no budget given
+
+
+def test_latency_budgets_after_profiling(run, tmp_path):
+    import io
+    import json
+    import shutil
+
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from esta.serve import create_app
+
+    palette = tmp_path / "palette"
+    shutil.copytree(run / "palette", palette)
+    png = io.BytesIO()
+    Image.fromarray(torch.zeros(8, 8, dtype=torch.uint8).numpy(), mode="L").save(png, format="PNG")
+    client = TestClient(create_app(palette))
+    r = client.post("/classify?budget=50ms", content=png.getvalue())
+    assert r.status_code == 422 and "esta profile" in r.text  # no latencies measured yet: said, not guessed
+
+    p = esta("profile", "--palette", str(palette), "--repeats", "3", "--warmup", "1", "--threads", "1",
+             "--no-progress")
+    assert p.returncode == 0, p.stderr
+    table = json.loads((palette / "palette.json").read_text())
+    assert all(row["latency_ms"] > 0 for row in table["stitches"])
+    assert table["latency"]["batch_size"] == 1 and table["latency"]["threads"] == 1
+    client = TestClient(create_app(palette))
+    slowest = max(row["latency_ms"] for row in table["stitches"])
+    for budget in (f"{slowest + 1:.3f}ms", "0.5s"):
+        body = client.post(f"/classify?budget={budget}", content=png.getvalue()).json()
+        assert body["latency_ms"] <= slowest and body["stitch_id"] == best_within(
+            table, slowest + 1, key="latency_ms")["id"]
+    fastest = min(row["latency_ms"] for row in table["stitches"])
+    assert client.post(f"/classify?budget={fastest / 2:.6f}ms", content=png.getvalue()).status_code == 422
+    gflops = client.post("/classify?budget=1GFLOPs", content=png.getvalue()).json()
+    assert gflops["stitch_id"] == best_within(table, 1e9)["id"]
+    assert client.post("/classify?budget=1ms&budget_gflops=1", content=png.getvalue()).status_code == 422
+
+
+def test_a_run_deploys_for_a_latency_budget(run, tmp_path):
+    r = esta("deploy", "--run", str(run), "--budgets", "10s", "--out", str(tmp_path / "dep"))
+    assert r.returncode == 0, r.stderr
+    assert "ms" in r.stdout and (tmp_path / "dep" / "budget00").is_dir()
+    r = esta("deploy", "--run", str(run), "--budgets", "1us", "--out", str(tmp_path / "dep2"))
+    assert r.returncode != 0 and "below the cheapest" in r.stderr
+    r = esta("deploy", "--run", str(run), "--budgets", "10ms,0.1GFLOPs", "--out", str(tmp_path / "dep3"))
+    assert r.returncode != 0 and "one unit" in r.stderr

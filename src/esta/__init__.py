@@ -12,42 +12,79 @@ each budget as a standalone model.
 tuning of a causal-LM family).
 """
 
-from .analysis import GradAngleConfig, grad_angles
-from .bench import BenchConfig, run_bench
-from .budget import Budget, CostAxis
-from .cost import StitchCost, count_costs
-from .deploy import DeployedStitch, choose
-from .errors import EstaError
-from .evaluate import accuracy, sweep
-from .families import Anchor, VisionAnchor, load_anchor, load_family
-from .importance import ImportanceSampler, SamplingConfig, budget_groups, snip_score
-from .methods import METHODS, Method, get_method
-from .palette import Palette, run_stitch
-from .probe import fit_probe, probe_head
-from .pst import PSTConfig, StitchLinear
-from .recipe import RecipeConfig, run
-from .results import Metric, Point, RunResults
-from .runs import load_run, redeploy
-from .space import Stitch, StitchSpace, build_space
-from .tasks import TASKS, AdaptConfig, LMAdaptConfig, Task
-from .tasks.image_classification import adapt
-from .tasks.instruction_tuning import adapt_lm
-from .train import TrainConfig, TrainResult, train
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "run", "RecipeConfig", "TASKS", "Task", "AdaptConfig", "adapt", "LMAdaptConfig", "adapt_lm", "load_run",
-    "redeploy", "Budget", "CostAxis", "Metric", "Point", "RunResults",
-    "GradAngleConfig", "grad_angles", "BenchConfig", "run_bench", "METHODS", "Method", "get_method",
-    "StitchCost", "count_costs",
-    "DeployedStitch", "choose",
-    "EstaError",
-    "accuracy", "sweep",
-    "Anchor", "VisionAnchor", "load_anchor", "load_family",
-    "ImportanceSampler", "SamplingConfig", "budget_groups", "snip_score",
-    "Palette", "run_stitch", "fit_probe", "probe_head",
-    "PSTConfig", "StitchLinear",
-    "Stitch", "StitchSpace", "build_space",
-    "TrainConfig", "TrainResult", "train",
-]
+#: what ``esta.X`` is, imported on first use: ``import esta`` itself loads nothing heavy (no torch, transformers or
+#: matplotlib until a name is used), so the command line starts fast and importing esta has no side effects
+_LAZY = {
+    "GradAngleConfig": ".analysis",
+    "grad_angles": ".analysis",
+    "BenchConfig": ".bench",
+    "run_bench": ".bench",
+    "Budget": ".budget",
+    "CostAxis": ".budget",
+    "StitchCost": ".cost",
+    "count_costs": ".cost",
+    "DeployedStitch": ".deploy",
+    "choose": ".deploy",
+    "EstaError": ".errors",
+    "accuracy": ".evaluate",
+    "sweep": ".evaluate",
+    "Anchor": ".families",
+    "VisionAnchor": ".families",
+    "load_anchor": ".families",
+    "load_family": ".families",
+    "ImportanceSampler": ".importance",
+    "SamplingConfig": ".importance",
+    "budget_groups": ".importance",
+    "snip_score": ".importance",
+    "METHODS": ".methods",
+    "Method": ".methods",
+    "get_method": ".methods",
+    "Palette": ".palette",
+    "run_stitch": ".palette",
+    "fit_probe": ".probe",
+    "probe_head": ".probe",
+    "PSTConfig": ".pst",
+    "StitchLinear": ".pst",
+    "RecipeConfig": ".recipe",
+    "run": ".recipe",
+    "Metric": ".results",
+    "Point": ".results",
+    "RunResults": ".results",
+    "load_run": ".runs",
+    "redeploy": ".runs",
+    "Stitch": ".space",
+    "StitchSpace": ".space",
+    "build_space": ".space",
+    "TASKS": ".tasks",
+    "AdaptConfig": ".tasks",
+    "LMAdaptConfig": ".tasks",
+    "Task": ".tasks",
+    "adapt": ".tasks.image_classification",
+    "adapt_lm": ".tasks.instruction_tuning",
+    "TrainConfig": ".train",
+    "TrainResult": ".train",
+    "train": ".train",
+}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value  # resolved once
+        return value
+    try:  # a submodule, e.g. esta.data
+        return importlib.import_module(f".{name}", __name__)
+    except ModuleNotFoundError as e:
+        if e.name != f"{__name__}.{name}":
+            raise
+        raise AttributeError(f"module 'esta' has no attribute {name!r}") from None
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

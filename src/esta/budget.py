@@ -31,12 +31,15 @@ class CostAxis:
 
 FLOPS = CostAxis("flops", 1e9, "GFLOPs")
 PARAMS = CostAxis("params", 1e6, "M parameters")
-AXES = {a.key: a for a in (FLOPS, PARAMS)}
+#: measured on a machine (``esta profile``): milliseconds per forward at the profiled batch size and threads
+LATENCY = CostAxis("latency_ms", 1.0, "ms")
+AXES = {a.key: a for a in (FLOPS, PARAMS, LATENCY)}
 
 #: suffixes a budget may carry, per axis: multiplier to raw counts
 _SUFFIXES = {
     "flops": {"gflops": 1e9, "mflops": 1e6, "tflops": 1e12, "flops": 1.0},
     "params": {"b": 1e9, "m": 1e6, "k": 1e3, "mparams": 1e6, "bparams": 1e9, "params": 1.0},
+    "latency_ms": {"ms": 1.0, "s": 1e3, "us": 1e-3},
 }
 
 
@@ -69,6 +72,15 @@ class Budget:
 
     def __str__(self) -> str:
         return self.axis.show(self.value)
+
+
+def parse_any(text: str | float, default: CostAxis) -> Budget:
+    """A budget on whichever axis its unit names (``12ms``: latency; ``0.2GFLOPs``: FLOPs; ``300M``: parameters);
+    a bare number is on ``default``."""
+    m = re.fullmatch(r"\s*[-+]?[0-9]*\.?[0-9]+(?:e[-+]?[0-9]+)?\s*([A-Za-z]*)\s*", str(text))
+    suffix = m.group(1).lower() if m else ""
+    axis = next((AXES[k] for k, units in _SUFFIXES.items() if suffix in units), default) if suffix else default
+    return Budget.parse(text, axis)
 
 
 def parse_budgets(texts: list | str | None, axis: CostAxis) -> list[float] | None:

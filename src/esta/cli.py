@@ -87,7 +87,8 @@ def _adapt_config(args: argparse.Namespace, **overrides):
     sampling = replace(base.train.sampling, uniform=args.uniform_sampling or base.train.sampling.uniform,
                        **given(groups=args.groups, beta=args.beta, tau=args.tau, eps=args.eps,
                                anchor_share=args.anchor_share, score=args.score, spacing=args.group_spacing))
-    pst = PSTConfig(**given(lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, stitch_lora_rank=args.stitch_lora_rank,
+    pst = PSTConfig(**given(lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+                            stitch_lora_rank=args.stitch_lora_rank,
                             bias=args.bias,
                             lora_targets=tuple(args.lora_targets.split(",")) if args.lora_targets else None))
     common = dict(anchors=args.anchors, data=args.data, out_dir=args.out, method=args.method, kernel=args.kernel,
@@ -229,6 +230,19 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_profile(args: argparse.Namespace) -> int:
+    from .profile import profile_palette
+
+    table = profile_palette(args.palette, batch_size=args.batch_size, threads=args.threads, warmup=args.warmup,
+                            repeats=args.repeats, progress=not args.no_progress)
+    rows = sorted(table["stitches"], key=lambda r: r["latency_ms"])
+    lat = table["latency"]
+    print(f"{len(rows)} stitches at batch {lat['batch_size']}, {lat['threads']} threads ({lat['processor']}): "
+          f"{rows[0]['latency_ms']:.2f} ms ({rows[0]['name']}) to {rows[-1]['latency_ms']:.2f} ms "
+          f"({rows[-1]['name']}); written to {Path(args.palette) / 'palette.json'}")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from .serve import serve
 
@@ -267,6 +281,7 @@ def _lm_model(args: argparse.Namespace):
     """A deployed LLM stitch (``--model``), or the one of a run that fits ``--budget`` (millions of parameters)."""
     from transformers import AutoTokenizer
 
+    from .budget import PARAMS, Budget
     from .deploy import DeployedStitch
 
     folder = args.model
@@ -278,11 +293,12 @@ def _lm_model(args: argparse.Namespace):
             meta = json.loads((d / "esta_stitch.json").read_text()).get("meta", {})
             if "params" in meta:
                 options.append((meta["params"], d))
-        fitting = [o for o in options if o[0] <= args.budget * 1e6]
+        budget = Budget.parse(args.budget, PARAMS)
+        fitting = [o for o in options if o[0] <= budget.value]
         if not fitting:
             cheapest = min((o[0] for o in options), default=None)
-            raise EstaError(f"no deployed stitch of {args.run} fits {args.budget:g}M parameters"
-                            + (f" (the smallest has {cheapest / 1e6:.1f}M)" if cheapest else ""))
+            raise EstaError(f"no deployed stitch of {args.run} fits {budget}"
+                            + (f" (the smallest has {PARAMS.show(cheapest)})" if cheapest else ""))
         folder = str(max(fitting, key=lambda o: o[0])[1])
     model = DeployedStitch.from_pretrained(folder)
     if model.front.family != "causal-lm":
@@ -560,8 +576,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=helptext)
         p.add_argument("--model", default=None, help="a deployed stitch folder")
         p.add_argument("--run", default=None, help="an lm-train run folder (with --budget)")
-        p.add_argument("--budget", type=float, default=None, help="millions of parameters: the largest deployed "
-                       "stitch of --run that fits")
+        p.add_argument("--budget", default=None, help="millions of parameters (or with a unit: 1.2B): the largest "
+                       "deployed stitch of --run that fits")
         if name == "generate":
             p.add_argument("--prompt", required=True)
         p.add_argument("--max-new-tokens", type=int, default=256)
@@ -585,6 +601,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("profile", help="measure every stitch's latency on this machine into a palette's table")
+    p.add_argument("--palette", required=True, help="a folder written by esta deploy --palette")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed forwards per stitch first")
+    p.add_argument("--repeats", type=int, default=20, help="timed forwards per stitch (the median is kept)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_profile)
 
     p = sub.add_parser("export", help="export a deployed image stitch to ONNX (checked against onnxruntime)")
     p.add_argument("--model", required=True, help="a deployed stitch folder")

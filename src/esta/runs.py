@@ -7,10 +7,12 @@ classification or instruction tuning), so a language run redeploys exactly as an
 from __future__ import annotations
 
 import json
+import math
+from dataclasses import asdict
 from pathlib import Path
 from types import SimpleNamespace
 
-from .budget import check_budgets, parse_budgets
+from .budget import LATENCY, check_budgets, parse_any
 from .checkpoint import load_adaptation, load_sampler_state
 from .errors import EstaError
 from .evaluate import largest_drop, spearman
@@ -18,7 +20,9 @@ from .files import write_json
 from .importance import SamplingConfig
 from .methods import get_method
 from .palette import Palette
+from .profile import palette_latencies
 from .recipe import export_choices, select
+from .results import Point
 from .train import TrainResult, candidate_groups
 
 
@@ -83,26 +87,41 @@ def redeploy(run_dir: str | Path, budgets: list[float | str] | None, out_dir: st
     costs = [SimpleNamespace(flops=f, params=p) for f, p in zip(flops, info["params"])]
     # runs written before log spacing existed grouped linearly: the same groups and default budgets as then
     sampling = SamplingConfig(**{"spacing": "linear", **info["config"]["train"]["sampling"]})
-    raw = parse_budgets(budgets, task.axis)
-    if raw:
-        check_budgets(raw, cost, task.axis)
     kept = (info.get("screening") or {}).get("kept")
     trained = palette.space.anchor_ids() if method.anchors_only else (kept or list(range(len(cost))))
+    groups = candidate_groups(cost, sampling.groups, trained, sampling.spacing)  # the training's groups
+    given = [parse_any(b, task.axis) for b in (budgets.split(",") if isinstance(budgets, str) else budgets or [])
+             if str(b).strip()]
+    axis = given[0].axis if given else task.axis
+    if any(b.axis != axis for b in given):
+        raise EstaError("give every budget in one unit (e.g. all in ms, or all in GFLOPs)")
+    if axis is LATENCY:  # measured now, on this machine, as the deployed networks will run
+        measured = palette_latencies(palette, trained)
+        cost = [measured.get(s, math.inf) for s in range(len(cost))]
+    elif axis is not task.axis:  # e.g. parameters for an image run; a language run has no per-token FLOPs
+        if axis.key not in info:
+            raise EstaError(f"this run's budgets are {task.axis.unit} (or ms), not {axis.unit}")
+        cost = [float(v) for v in info[axis.key]]
+    raw = [b.value for b in given] or None
+    if raw:
+        check_budgets(raw, [cost[s] for s in trained], axis)
     result = TrainResult(steps=0, seconds=0.0, trainable_params=0, total_params=0, peak_rss_mb=0.0,
                          train_rss_increase_mb=0.0, final_loss=float("nan"), importance=info["importance"],
-                         updates=info["updates"], train_loss=info.get("train_loss", []),
-                         groups=candidate_groups(cost, sampling.groups, trained, sampling.spacing))
+                         updates=info["updates"], train_loss=info.get("train_loss", []), groups=groups)
     choices, _ = select(rule, palette, result, cost, raw, task, sampling, progress=False)
     paths = export_choices(palette, choices, Path(out_dir) if out_dir else Path(run_dir) / "deployed",
                            task.deploy_meta(costs, result), task.save_beside, info["task"])
     rows = [{"budget": c.budget, "stitch_id": c.stitch_id, "name": palette.space[c.stitch_id].name,
-             task.axis.key: cost[c.stitch_id], "path": str(p)} for c, p in zip(choices, paths)]
+             axis.key: cost[c.stitch_id], "path": str(p)} for c, p in zip(choices, paths)]
     if out_dir is None:
-        _record_redeployment(Path(run_dir), rows)
+        on_axis = [float(v) for v in info[task.axis.key]]  # the run's own cost axis, whatever the budgets' unit
+        points = [Point(r["name"], on_axis[r["stitch_id"]], costs[r["stitch_id"]].flops, costs[r["stitch_id"]].params,
+                        None, r["budget"], info["updates"][r["stitch_id"]]) for r in rows]
+        _record_redeployment(Path(run_dir), rows, points, task.metric.name)
     return rows
 
 
-def _record_redeployment(run_dir: Path, rows: list[dict]) -> None:
+def _record_redeployment(run_dir: Path, rows: list[dict], points: list[Point], metric: str) -> None:
     """The run's results.json describes what RUN/deployed now holds: each new pick with the accuracy the run's
     sweep measured for that stitch (a deployed stitch computes what it computed in the palette; a language run
     measured only what it deployed, so a new pick's metrics are unknown), and an image run's summary recomputed;
@@ -117,9 +136,15 @@ def _record_redeployment(run_dir: Path, rows: list[dict]) -> None:
     if "stitches" not in results:  # a language run: keep the measured metrics of picks it had deployed
         results["deployed"] = [{**{k: v for k, v in before.get(r["stitch_id"], {}).items() if k != "path"}, **r,
                                 "redeployed": True} for r in rows]
+    else:
+        results["deployed"] = [{**r, "accuracy": measured.get(r["stitch_id"]), "redeployed": True} for r in rows]
+    if isinstance(results.get("run"), dict):  # the typed part describes the new deployment too
+        for p, d in zip(points, results["deployed"]):
+            p.value = d.get(metric)
+        results["run"]["deployed"] = [asdict(p) for p in points]
+    if "stitches" not in results:
         write_json(path, results)
         return
-    results["deployed"] = [{**r, "accuracy": measured.get(r["stitch_id"]), "redeployed": True} for r in rows]
     accs = [d["accuracy"] for d in results["deployed"]]
     known = [a for a in accs if a is not None]
     summary = results.setdefault("summary", {})

@@ -1,9 +1,10 @@
 """``esta serve --palette DIR``: one HTTP server, one palette in memory, every request its own budget.
 
 FastAPI on uvicorn (the ``serve`` extra). ``GET /health``; ``GET /stitches`` (the palette's table: cost and measured
-accuracy of every stitch); ``POST /classify?budget_gflops=0.2`` with an image file as the body (PNG, JPEG, ...)
-answers with the best stitch within the budget (the highest measured accuracy, else the costliest) and its
-prediction. Changing budget between requests is choosing another stitch of the loaded palette: nothing is reloaded.
+accuracy of every stitch); ``POST /classify?budget=12ms`` (or ``budget=0.2GFLOPs``, ``budget=5M`` parameters; a
+bare number, or ``budget_gflops=0.2``, is GFLOPs) with an image file as the body (PNG, JPEG, ...) answers with the
+best stitch within the budget (the highest measured accuracy, else the costliest) and its prediction. Budgets in
+milliseconds need a profiled palette (``esta profile``). Changing budget between requests is choosing another stitch of the loaded palette: nothing is reloaded.
 Bad requests get a 4xx with a message: no stitch fits (422), not an image (400), a body over ``max_bytes`` (413).
 """
 
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from .budget import FLOPS, Budget, parse_any
 from .errors import EstaError
 from .serving import best_within, load_palette
 
@@ -48,12 +50,18 @@ def create_app(palette_dir: "str | Path", max_bytes: int = MAX_BYTES):
         return {"task": table.get("task"), "classes": classes, "stitches": table["stitches"]}
 
     @app.post("/classify")
-    async def classify(request: Request, budget_gflops: float = Query(..., gt=0)) -> dict:
+    async def classify(request: Request, budget: str | None = Query(None, max_length=32),
+                       budget_gflops: float | None = Query(None, gt=0)) -> dict:
         body = await request.body()
         if len(body) > max_bytes:
             raise HTTPException(413, f"the image is {len(body)} bytes; at most {max_bytes} are accepted")
+        if (budget is None) == (budget_gflops is None):
+            raise HTTPException(422, "give one budget: budget=12ms, budget=0.2GFLOPs or budget_gflops=0.2")
         try:
-            row = best_within(table, budget_gflops * 1e9)
+            b = parse_any(budget, FLOPS) if budget is not None else Budget.parse(budget_gflops, FLOPS)
+            if b.axis.key == "latency_ms" and "latency" not in table:
+                raise EstaError("this palette has no measured latencies: run esta profile --palette on it first")
+            row = best_within(table, b.value, key=b.axis.key)
         except EstaError as e:
             raise HTTPException(422, str(e)) from e
         try:
@@ -67,6 +75,7 @@ def create_app(palette_dir: "str | Path", max_bytes: int = MAX_BYTES):
             probs = palette(x, stitch=row["id"]).softmax(-1)[0]
         k = int(probs.argmax())
         return {"stitch": row["name"], "stitch_id": row["id"], "flops": row["flops"],
+                "latency_ms": row.get("latency_ms"),
                 "expected_accuracy": row.get("accuracy"), "label": classes[k], "index": k,
                 "probabilities": [round(float(p), 6) for p in probs]}
 

@@ -18,10 +18,6 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import AutoConfig, DynamicCache, PretrainedConfig
-from transformers.masking_utils import (
-    create_causal_mask,
-    create_sliding_window_causal_mask,
-)
 
 from ..errors import EstaError
 from .base import (
@@ -62,6 +58,12 @@ class CausalLMAnchor(Anchor):
         return self.embed_tokens(ids)
 
     def context(self, inputs: dict, hidden: torch.Tensor) -> dict:
+        # imported here: transformers.masking_utils pulls in torch._dynamo (2 s), which no vision run needs
+        from transformers.masking_utils import (
+            create_causal_mask,
+            create_sliding_window_causal_mask,
+        )
+
         caches = inputs.get("caches")
         cache = None
         if caches is not None:  # one cache per anchor (per part of a stitch), created on first use
