@@ -72,6 +72,13 @@ def test_the_same_commands_run_a_language_family_end_to_end(tmp_path, lm_family)
     assert [p.validation is not None for p in typed.deployed] == [True] * len(typed.deployed)
     assert json.loads((out / "run.json").read_text())["task_kind"] == "instruction-tuning"
 
+    # the run replays from its run.json, to the same results
+    replay = esta("train", "--config", str(out / "run.json"), "--out", str(tmp_path / "replay"), "--no-progress")
+    assert replay.returncode == 0, replay.stderr
+    replayed = json.loads((tmp_path / "replay" / "results.json").read_text())
+    assert [(d["stitch_id"], d["perplexity"]) for d in replayed["deployed"]] == \
+        [(d["stitch_id"], d["perplexity"]) for d in results["deployed"]]
+
     # --resume of a finished run trains nothing more and deploys the same stitches
     again = esta(*train, "--resume")
     assert again.returncode == 0, again.stderr

@@ -151,9 +151,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.config:
         from dataclasses import replace
 
-        from .tasks import AdaptConfig
+        from .tasks import config_from_file
 
-        config = replace(AdaptConfig.from_file(args.config), out_dir=args.out, resume=args.resume,
+        config = replace(config_from_file(args.config), out_dir=args.out, resume=args.resume,
                          overwrite=args.overwrite, progress=not args.no_progress)
     else:
         config = _adapt_config(args)
@@ -477,8 +477,8 @@ def _train_args(p: argparse.ArgumentParser, out: str, epochs: float, compare: st
     p.add_argument("--no-sweep", action="store_true", help="skip evaluating every stitch")
     p.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints (default 200)")
     p.add_argument("--config", default=None,
-                   help="take every setting from this file (a run's run.json, or JSON/YAML with AdaptConfig's "
-                   "fields); only --out, --resume, --overwrite and --no-progress apply beside it")
+                   help="take every setting from this file (a run's run.json, or JSON/YAML with AdaptConfig's or, "
+                   "for a causal-LM family, LMAdaptConfig's fields); only --out, --resume, --overwrite and --no-progress apply beside it")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint (same settings)")
     p.add_argument("--overwrite", action="store_true", help="replace the run already in OUT, whole")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -95,22 +95,7 @@ class RecipeConfig:
     @classmethod
     def from_file(cls, path: str | Path) -> "RecipeConfig":
         """A config from JSON or YAML: a run's ``run.json`` (its ``config``) replays that run."""
-        path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-            if path.suffix in (".yaml", ".yml"):
-                import yaml
-
-                data = yaml.safe_load(text)
-            else:
-                data = json.loads(text)
-        except (OSError, UnicodeDecodeError, ValueError) as e:
-            raise EstaError(f"cannot read config {path}: {e}") from e
-        except Exception as e:  # yaml.YAMLError (yaml is imported only for YAML files)
-            raise EstaError(f"cannot read config {path}: {' '.join(str(e).split())}") from e
-        if isinstance(data, dict) and isinstance(data.get("config"), dict) and "space" in data:
-            data = data["config"]  # a run.json
-        return cls.from_dict(data)
+        return cls.from_dict(read_config_file(path)[0])
 
     def deploy_rule(self) -> str:
         """The baselines deploy by validation; ESTA and its ablations by ``deploy_by``."""
@@ -138,6 +123,27 @@ class RecipeConfig:
                 raise EstaError("budgets: give at least one, or none for one per budget group")
         self.pst.check()
         self.train.check()
+
+
+def read_config_file(path: str | Path) -> tuple[dict, str | None]:
+    """The settings in a JSON or YAML file, and the Task they belong to when the file says (a run's ``run.json``
+    records its ``task_kind``)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise EstaError(f"cannot read config {path}: {e}") from e
+    except Exception as e:  # yaml.YAMLError (yaml is imported only for YAML files)
+        raise EstaError(f"cannot read config {path}: {' '.join(str(e).split())}") from e
+    if isinstance(data, dict) and isinstance(data.get("config"), dict) and "space" in data:
+        return data["config"], data.get("task_kind")  # a run.json
+    return data, None
 
 
 #: settings a resumed run may change: they decide what is shown, kept or deployed, not what is trained (the

@@ -36,5 +36,22 @@ def task_for_family(family: str) -> tuple[type, type[Task]]:
     raise EstaError(f"no Task takes {family!r} anchors")
 
 
-__all__ = ["TASKS", "Task", "task_class", "task_for_family", "AdaptConfig", "ImageClassification",
+def config_from_file(path) -> object:
+    """The config a JSON/YAML file or a run's ``run.json`` describes, of the Task it belongs to: the one the run
+    recorded, else the one its anchors' family takes (image classification when it names none)."""
+    from ..families import source_kind
+    from ..recipe import read_config_file
+
+    data, kind = read_config_file(path)
+    if not isinstance(data, dict):
+        raise EstaError(f"config {path}: expected a mapping, got {type(data).__name__}")
+    if kind is None:
+        anchors = data.get("anchors") or AdaptConfig().anchors
+        kind = task_for_family(source_kind(anchors[0] if isinstance(anchors, list) else anchors))[1].kind
+    if kind not in TASKS:
+        raise EstaError(f"config {path}: unknown task {kind!r}; esta knows {', '.join(TASKS)}")
+    return TASKS[kind][0].from_dict(data)
+
+
+__all__ = ["config_from_file", "TASKS", "Task", "task_class", "task_for_family", "AdaptConfig", "ImageClassification",
            "LMAdaptConfig", "InstructionTuning"]
