@@ -505,7 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default="", help="comma-separated (default all six; quick: four)")
     p.add_argument("--seeds", default="", help="comma-separated (default 0,1; quick: 0)")
     p.add_argument("--steps", type=int, default=None, help="palette steps per run; anchors-lora: per anchor "
-                   "(default 300; quick: 40)")
+                   "(default 150; quick: 40)")
     p.add_argument("--no-lr-sweep", action="store_true", help="use each method's default learning rate")
     p.add_argument("--out", default="runs/bench")
     p.add_argument("--no-progress", action="store_true")
