@@ -96,12 +96,26 @@ def test_generation_with_the_kv_cache_equals_generation_without(kind, lm_family,
     x = tokens(n=2, t=5, seed=4)
     palette.init_stitching(tokens(n=4, t=9, seed=5))
     palette.eval()
-    cut = next(s for s in palette.space.stitches if not s.is_anchor)
-    for model in (lambda inp: palette(inp, stitch=cut.id), DeployedStitch.from_palette(palette, cut.id)):
-        cached = generate(model, x["input_ids"], 8, use_cache=True)
-        plain = generate(model, x["input_ids"], 8, use_cache=False)
-        assert cached.shape == (2, 13)
-        assert torch.equal(cached, plain)
+    cuts = [s for s in palette.space.stitches if not s.is_anchor]
+    late = max(cuts, key=lambda s: s.end_first)  # an end part that starts mid-way: its cache's first layers stay empty
+    assert late.end_first > 0
+    for cut in cuts:
+        models = [lambda inp, c=cut.id: palette(inp, stitch=c)]
+        if cut is late:
+            models.append(DeployedStitch.from_palette(palette, cut.id))
+        for model in models:
+            cached = generate(model, x["input_ids"], 8, use_cache=True)
+            plain = generate(model, x["input_ids"], 8, use_cache=False)
+            assert cached.shape == (2, 13)
+            assert torch.equal(cached, plain), cut.name
+    # and the logits of a cached step, not only the greedy tokens
+    with torch.no_grad():
+        full = palette({"input_ids": x["input_ids"]}, stitch=late.id)[:, -1]
+        caches: dict = {}
+        palette({"input_ids": x["input_ids"][:, :4], "caches": caches}, stitch=late.id)
+        step = palette({"input_ids": x["input_ids"][:, 4:], "attention_mask": torch.ones_like(x["input_ids"]),
+                        "caches": caches}, stitch=late.id)[:, -1]
+    torch.testing.assert_close(step, full, atol=1e-5, rtol=1e-5)
 
 
 def test_least_squares_fits_without_padding_and_the_first_token(lm_family):

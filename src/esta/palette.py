@@ -28,7 +28,7 @@ def run_stitch(front: Anchor, end: Anchor, stitching: nn.Module | None, stitch: 
     for i in range(stitch.front_last + 1):
         h = front.block(i, h, ctx)
     h = stitching(h)
-    ctx = end.context(inputs, h)  # each anchor keeps its own masks / rotary tables / cache
+    ctx = end.context(inputs, h, stitch.end_first)  # each anchor keeps its own masks / rotary tables / cache
     for i in range(stitch.end_first, end.depth):
         h = end.block(i, h, ctx)
     return end.head(h, ctx)

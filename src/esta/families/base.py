@@ -51,8 +51,9 @@ class Anchor(nn.Module):
     def embed(self, inputs: Any) -> torch.Tensor:
         raise NotImplementedError
 
-    def context(self, inputs: Any, hidden: torch.Tensor) -> Any:
-        """Whatever this anchor's blocks need beside the hidden states (masks, rotary tables, a KV cache)."""
+    def context(self, inputs: Any, hidden: torch.Tensor, first: int = 0) -> Any:
+        """Whatever this anchor's blocks need beside the hidden states (masks, rotary tables, a KV cache), for a run
+        that starts at block ``first`` (the end part of a stitch starts mid-way)."""
         return None
 
     def block(self, i: int, hidden: torch.Tensor, ctx: Any) -> torch.Tensor:

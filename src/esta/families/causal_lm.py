@@ -57,7 +57,7 @@ class CausalLMAnchor(Anchor):
             raise EstaError(f"input_ids must be [batch, tokens], got {list(ids.shape)}")
         return self.embed_tokens(ids)
 
-    def context(self, inputs: dict, hidden: torch.Tensor) -> dict:
+    def context(self, inputs: dict, hidden: torch.Tensor, first: int = 0) -> dict:
         # imported here: transformers.masking_utils pulls in torch._dynamo (2 s), which no vision run needs
         from transformers.masking_utils import (
             create_causal_mask,
@@ -68,15 +68,23 @@ class CausalLMAnchor(Anchor):
         cache = None
         if caches is not None:  # one cache per anchor (per part of a stitch), created on first use
             cache = caches.setdefault(id(self), DynamicCache(config=self.config))
-        past = cache.get_seq_length() if cache is not None else 0
+        # The past is read from the layers this run writes: an end part starts at block ``first``, and its cache's
+        # earlier layers stay empty (reading layer 0 put every cached token of an end part at position 0).
+        types = list(getattr(self.config, "layer_types", None) or ["full_attention"] * (first + 1))
+        past = cache.get_seq_length(first) if cache is not None else 0
         position_ids = inputs.get("position_ids")
         if position_ids is None:
             position_ids = (torch.arange(hidden.shape[1], device=hidden.device) + past).unsqueeze(0)
         mask_kwargs = dict(config=self.config, inputs_embeds=hidden, attention_mask=inputs.get("attention_mask"),
                            cache=cache, position_ids=position_ids)
-        masks = {"full_attention": create_causal_mask(**mask_kwargs)}
-        if "sliding_attention" in (getattr(self.config, "layer_types", None) or []):
-            masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
+
+        def sized_by(kind: str) -> int:  # the first layer of this kind that this run writes
+            return next((i for i in range(first, len(types)) if types[i] == kind), first)
+
+        masks = {"full_attention": create_causal_mask(**mask_kwargs, layer_idx=sized_by("full_attention"))}
+        if "sliding_attention" in types:
+            masks["sliding_attention"] = create_sliding_window_causal_mask(
+                **mask_kwargs, layer_idx=sized_by("sliding_attention"))
         return {"position_embeddings": self.rotary(hidden, position_ids), "position_ids": position_ids,
                 "masks": masks, "cache": cache}
 
