@@ -51,3 +51,101 @@ print(json.dumps({{"logits": logits.tolist(), "labels": m.config.id2label, "top"
     again = DeployedStitch.from_pretrained(tmp_path / "dep")
     with torch.no_grad():
         torch.testing.assert_close(again(images), expected, atol=1e-5, rtol=1e-5)
+
+
+def _perturbed(palette) -> None:
+    with torch.no_grad():  # trained-looking adapters: LoRA and biases must be merged into the saved weights
+        for p in palette.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+
+
+def test_a_deployed_stitch_loads_through_the_auto_classes_and_pipeline(tmp_path, vit_family):
+    import esta  # noqa: F401 - registers esta's model types with the Auto classes
+    from PIL import Image
+    from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageClassification, pipeline
+
+    data = toy_task()
+    palette, _ = build(vit_family[:2], data)
+    _perturbed(palette)
+    cut = max((s for s in palette.space.stitches if not s.is_anchor), key=lambda s: s.end_first)
+    classes = ["dark", "mid", "bright"]
+    DeployedStitch.from_palette(palette, cut.id, meta={"classes": classes}).save_pretrained(tmp_path / "dep")
+    images = data.images[:5]
+    with torch.no_grad():
+        expected = palette(images, stitch=cut.id)
+
+    assert AutoConfig.from_pretrained(tmp_path / "dep").model_type == "esta_image_stitch"
+    model = AutoModelForImageClassification.from_pretrained(tmp_path / "dep").eval()
+    assert type(AutoModel.from_pretrained(tmp_path / "dep")) is type(model)
+    assert list(model.config.id2label.values()) == classes  # the task's labels, not the source task's
+    pil = [Image.fromarray(i[0].numpy(), mode="L") for i in images]
+    pixels = AutoImageProcessor.from_pretrained(tmp_path / "dep")(pil, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        out = model(pixel_values=pixels, labels=torch.zeros(5, dtype=torch.long))
+    torch.testing.assert_close(out.logits, expected, atol=1e-5, rtol=1e-5)
+    assert out.loss is not None and out.loss.ndim == 0
+    # the pipeline (which makes every image RGB) gives the same top class and probabilities
+    answers = pipeline("image-classification", model=str(tmp_path / "dep"), top_k=3)(pil)
+    probs = expected.softmax(-1)
+    for answer, p in zip(answers, probs):
+        assert answer[0]["label"] == classes[int(p.argmax())]
+        assert abs(answer[0]["score"] - float(p.max())) < 1e-4
+    # esta still reads the folder as its own
+    again = DeployedStitch.from_pretrained(tmp_path / "dep")
+    with torch.no_grad():
+        torch.testing.assert_close(again(images), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_stitched_llm_generates_through_transformers_as_esta_does(tmp_path):
+    import esta  # noqa: F401
+    from lm_fixtures import WORDS, save_tiny_lm, save_tokenizer
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+
+    from esta.families import load_family
+    from esta.generate import generate
+    from esta.palette import Palette
+    from esta.pst import PSTConfig
+
+    family = [save_tiny_lm(tmp_path / "a", "llama", 32, 3, 4, 2, seed=0),
+              save_tiny_lm(tmp_path / "b", "llama", 48, 4, 6, 3, seed=1)]
+    palette = Palette(load_family(family))
+    ids = torch.randint(4, len(WORDS), (4, 9), generator=torch.Generator().manual_seed(5))
+    palette.init_stitching({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    palette.apply_pst(PSTConfig())
+    _perturbed(palette)
+    palette.eval()
+    cut = max((s for s in palette.space.stitches if not s.is_anchor), key=lambda s: s.end_first)
+    assert cut.end_first > 0  # the end part starts mid-way: its own cache numbering
+    deployed = DeployedStitch.from_palette(palette, cut.id)
+    deployed.save_pretrained(tmp_path / "dep")
+    save_tokenizer(tmp_path / "dep")
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "dep").eval()
+    prompt = torch.randint(4, len(WORDS), (2, 5), generator=torch.Generator().manual_seed(4))
+    ours = generate(deployed, prompt, 8)
+    theirs = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8, do_sample=False,
+                            min_new_tokens=8, pad_token_id=0)
+    assert torch.equal(theirs, ours)
+    nocache = model.generate(prompt, max_new_tokens=8, min_new_tokens=8, do_sample=False, use_cache=False,
+                             pad_token_id=0)
+    assert torch.equal(nocache, ours)
+    with torch.no_grad():
+        torch.testing.assert_close(model(prompt).logits, deployed({"input_ids": prompt}), atol=1e-5, rtol=1e-5)
+    # sampling options, beams and several sequences run through the per-part cache
+    sampled = model.generate(prompt, max_new_tokens=6, do_sample=True, top_p=0.9, temperature=0.8,
+                             num_return_sequences=2, pad_token_id=0)
+    assert sampled.shape[0] == 4
+    assert model.generate(prompt, max_new_tokens=4, num_beams=3, do_sample=False, pad_token_id=0).shape[0] == 2
+    # the text-generation pipeline
+    tok = AutoTokenizer.from_pretrained(tmp_path / "dep")
+    text = pipeline("text-generation", model=str(tmp_path / "dep"))("w1 w2 w3", max_new_tokens=4, do_sample=False)
+    assert text[0]["generated_text"].startswith("w1 w2 w3")
+    assert len(tok(text[0]["generated_text"])["input_ids"]) > 3
+    # PEFT's causal-LM task type takes it: LoRA on the stitch, a loss, gradients only in the adapters
+    peft_model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=2, target_modules=["q_proj", "v_proj"]))
+    loss = peft_model(input_ids=prompt, labels=prompt).loss
+    loss.backward()
+    grads = [n for n, p in peft_model.named_parameters() if p.grad is not None]
+    assert grads and all("lora_" in n for n in grads)

@@ -14,7 +14,13 @@ tuning of a causal-LM family).
 
 import importlib
 
+from ._register import install as _install_auto_classes
+
 __version__ = "0.1.0"
+
+# AutoModelForImageClassification / AutoModelForCausalLM / AutoConfig / pipeline read deployed stitches once esta is
+# imported (registered when transformers' Auto classes load; nothing heavy is imported here)
+_install_auto_classes()
 
 #: what ``esta.X`` is, imported on first use: ``import esta`` itself loads nothing heavy (no torch, transformers or
 #: matplotlib until a name is used), so the command line starts fast and importing esta has no side effects
@@ -28,6 +34,8 @@ _LAZY = {
     "StitchCost": ".cost",
     "count_costs": ".cost",
     "DeployedStitch": ".deploy",
+    "StitchForImageClassification": ".hf_native",
+    "StitchForCausalLM": ".hf_native",
     "choose": ".deploy",
     "EstaError": ".errors",
     "accuracy": ".evaluate",

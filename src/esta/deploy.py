@@ -185,6 +185,13 @@ class DeployedStitch(nn.Module):
             write_json(folder / "preprocessor_config.json", self.front.preprocessor_config())
         else:
             atomic_write(folder / WEIGHTS_NAME, lambda p: save_file(tensors, str(p)))
+            # the same weights as a transformers model of esta's registered type (``config.json``): after
+            # ``import esta`` the Auto classes, pipeline and generate() take the folder (see esta.hf_native)
+            from .hf_native import hf_config
+
+            write_json(folder / "config.json", hf_config(config, self.meta.get("classes")).to_dict())
+            if self.front.family == "vision":
+                write_json(folder / "preprocessor_config.json", self.front.preprocessor_config(normalize=False))
         write_json(folder / CONFIG_NAME, config)  # last: a folder with a config holds whole weights
         return folder
 

@@ -176,11 +176,12 @@ class VisionAnchor(Anchor):
         model.classifier.load_state_dict(self.classifier.state_dict())
         return model.to(self._param_dtype()).eval()
 
-    def preprocessor_config(self) -> dict:
-        """What transformers' image processor needs to feed :meth:`to_transformers`'s model as esta feeds this."""
+    def preprocessor_config(self, normalize: bool = True) -> dict:
+        """What transformers' image processor needs to feed :meth:`to_transformers`'s model as esta feeds this
+        (``normalize=False``: for a model that normalises inside, as esta's own stitches do)."""
         return {"image_processor_type": "ViTImageProcessor", "do_resize": True,
                 "size": {"height": self.image_size, "width": self.image_size}, "do_rescale": True,
-                "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": self.image_mean,
+                "rescale_factor": 1 / 255, "do_normalize": normalize, "image_mean": self.image_mean,
                 "image_std": self.image_std,
                 # grey models take grey images as they are (the processor would otherwise make them RGB)
                 "do_convert_rgb": self.num_channels == 3}
