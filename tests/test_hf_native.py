@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -149,3 +150,44 @@ def test_a_stitched_llm_generates_through_transformers_as_esta_does(tmp_path):
     loss.backward()
     grads = [n for n, p in peft_model.named_parameters() if p.grad is not None]
     assert grads and all("lora_" in n for n in grads)
+
+
+def test_a_deployed_llm_anchor_is_the_plain_transformers_model(tmp_path):
+    from lm_fixtures import WORDS, save_tiny_lm, save_tokenizer
+
+    from esta.families import load_family
+    from esta.generate import generate
+    from esta.palette import Palette
+    from esta.pst import PSTConfig
+
+    family = [save_tiny_lm(tmp_path / "a", "qwen2", 32, 2, 4, 1, seed=2),
+              save_tiny_lm(tmp_path / "b", "qwen2", 64, 3, 4, 2, seed=3)]
+    palette = Palette(load_family(family))
+    ids = torch.randint(4, len(WORDS), (4, 9), generator=torch.Generator().manual_seed(5))
+    palette.init_stitching({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    palette.apply_pst(PSTConfig())
+    _perturbed(palette)
+    palette.eval()
+    anchor = palette.space.anchor_ids()[-1]
+    deployed = DeployedStitch.from_palette(palette, anchor)
+    deployed.save_pretrained(tmp_path / "dep")
+    save_tokenizer(tmp_path / "dep")
+    prompt = torch.randint(4, len(WORDS), (2, 5), generator=torch.Generator().manual_seed(4))
+    torch.save(prompt, tmp_path / "prompt.pt")
+    code = f"""
+import json, sys, torch
+from transformers import AutoModelForCausalLM
+m = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'dep')!r}).eval()
+p = torch.load({str(tmp_path / 'prompt.pt')!r}, weights_only=True)
+out = m.generate(p, attention_mask=torch.ones_like(p), max_new_tokens=6, min_new_tokens=6, do_sample=False,
+                 pad_token_id=0)
+print(json.dumps({{"ids": out.tolist(), "type": type(m).__name__, "esta": "esta" in sys.modules}}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["type"] == "Qwen2ForCausalLM" and not r["esta"]
+    assert r["ids"] == generate(deployed, prompt, 6).tolist()
+    again = DeployedStitch.from_pretrained(tmp_path / "dep")  # esta reads it back as its own
+    with torch.no_grad():
+        torch.testing.assert_close(again({"input_ids": prompt}), deployed({"input_ids": prompt}))

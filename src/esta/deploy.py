@@ -182,7 +182,8 @@ class DeployedStitch(nn.Module):
 
             with quiet_transformers():  # no "Writing model shards" bar per deployed model
                 self.front.to_transformers(self.meta.get("classes")).save_pretrained(folder)
-            write_json(folder / "preprocessor_config.json", self.front.preprocessor_config())
+            if self.front.family == "vision":
+                write_json(folder / "preprocessor_config.json", self.front.preprocessor_config())
         else:
             atomic_write(folder / WEIGHTS_NAME, lambda p: save_file(tensors, str(p)))
             # the same weights as a transformers model of esta's registered type (``config.json``): after
@@ -228,8 +229,7 @@ class DeployedStitch(nn.Module):
     @classmethod
     def _from_transformers(cls, folder: Path, cfg: dict) -> "DeployedStitch":
         """An anchor saved as a plain transformers model, checked against the esta config beside it."""
-        from .families import _config
-        from .families.vision import load_vision_anchor
+        from .families import FAMILIES, _config, quiet_transformers
 
         cfg_path = folder / CONFIG_NAME
         try:
@@ -238,15 +238,17 @@ class DeployedStitch(nn.Module):
             if not stitch.is_anchor:
                 raise ValueError(f"stitch {stitch.name} is a cut, but the folder holds one whole model")
             config, _ = _config(str(folder))
-            front = load_vision_anchor(str(folder), config, num_labels=None, local=True,
-                                       dtype=getattr(torch, cfg.get("dtype", "float32")))
+            with quiet_transformers():
+                front = FAMILIES[fspec["family"]].load(str(folder), config, None, True,
+                                                       getattr(torch, cfg.get("dtype", "float32")))
             mine, theirs = front.spec(), fspec
-            for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "image_size", "patch_size"):
+            for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "image_size", "patch_size",
+                        "vocab_size"):
                 if mine["config"].get(key) != theirs["config"].get(key):
                     raise ValueError(f"{key} is {mine['config'].get(key)} in config.json, "
                                      f"{theirs['config'].get(key)} in {CONFIG_NAME}")
             for key in ("image_mean", "image_std", "num_labels"):
-                if mine[key] != theirs[key]:
+                if mine.get(key) != theirs.get(key):
                     raise ValueError(f"{key} is {mine[key]} beside the weights, {theirs[key]} in {CONFIG_NAME}")
         except (KeyError, TypeError, ValueError) as e:
             raise _mismatch(cfg_path, e) from e

@@ -130,6 +130,26 @@ class CausalLMAnchor(Anchor):
                 "norm_class": class_path(self.norm if self.norm is not None else self.blocks[0].input_layernorm),
                 "rotary_class": class_path(self.rotary), "source": self.source}
 
+    def to_transformers(self, classes: list[str] | None = None):
+        """This whole anchor as the plain transformers model (``Qwen2ForCausalLM``, ``LlamaForCausalLM``, ...): it
+        loads and generates with transformers alone. ``classes`` is unused (a language model has none)."""
+        from transformers import AutoModelForCausalLM
+        from transformers.initialization import no_init_weights
+
+        if self.embed_tokens is None or self.lm_head is None or self.first_block != 0:
+            raise EstaError("only a whole anchor (embedding, all blocks, head) converts to a transformers model")
+        cfg = dict(self.spec()["config"])
+        config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+        dtype = self.embed_tokens.weight.dtype
+        with no_init_weights():  # every weight is copied below: no random initialisation of a 1.5B model
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model.model.embed_tokens.load_state_dict(self.embed_tokens.state_dict())
+        for dst, src in zip(model.model.layers, self.blocks, strict=True):
+            dst.load_state_dict(src.state_dict())
+        model.model.norm.load_state_dict(self.norm.state_dict())
+        model.lm_head.load_state_dict(self.lm_head.state_dict())
+        return model.eval()
+
     @classmethod
     def build_part(cls, spec: dict, first_block: int, last_block: int, embed: bool, head: bool) -> "CausalLMAnchor":
         cfg = dict(spec["config"])
