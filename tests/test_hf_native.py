@@ -62,9 +62,16 @@ def _perturbed(palette) -> None:
 
 
 def test_a_deployed_stitch_loads_through_the_auto_classes_and_pipeline(tmp_path, vit_family):
-    import esta  # noqa: F401 - registers esta's model types with the Auto classes
     from PIL import Image
-    from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageClassification, pipeline
+    from transformers import (
+        AutoConfig,
+        AutoImageProcessor,
+        AutoModel,
+        AutoModelForImageClassification,
+        pipeline,
+    )
+
+    import esta  # noqa: F401 - registers esta's model types with the Auto classes
 
     data = toy_task()
     palette, _ = build(vit_family[:2], data)
@@ -99,11 +106,11 @@ def test_a_deployed_stitch_loads_through_the_auto_classes_and_pipeline(tmp_path,
 
 
 def test_a_stitched_llm_generates_through_transformers_as_esta_does(tmp_path):
-    import esta  # noqa: F401
     from lm_fixtures import WORDS, save_tiny_lm, save_tokenizer
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
+    import esta  # noqa: F401
     from esta.families import load_family
     from esta.generate import generate
     from esta.palette import Palette
