@@ -20,7 +20,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers import DynamicCache, GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers import (
+    DynamicCache,
+    GenerationMixin,
+    PretrainedConfig,
+    PreTrainedModel,
+)
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast, ImageClassifierOutput
 
@@ -68,7 +73,8 @@ class _StitchModel(PreTrainedModel):
 
     def __init__(self, config: _StitchConfig) -> None:
         super().__init__(config)
-        from .deploy import DeployedStitch  # late: deploy imports this module to write config.json
+        # late: deploy imports this module to write config.json
+        from .deploy import DeployedStitch
 
         built = DeployedStitch._build(config.esta_config())
         self.front, self.end, self.stitching = built.front, built.end, built.stitching
@@ -90,7 +96,8 @@ class _StitchModel(PreTrainedModel):
             super()._init_weights(module)
 
     def _run(self, inputs: Any) -> torch.Tensor:
-        from .palette import run_stitch  # esta's modules are imported late: registration may run mid-import
+        # esta's modules are imported late: registration may run while one of them is being imported
+        from .palette import run_stitch
 
         end = self.end if self.end is not None else self.front
         return run_stitch(self.front, end, self.stitching, self.esta_stitch, inputs)
