@@ -1,4 +1,5 @@
-"""ONNX export of a deployed image stitch: the graph equals the torch model within 1e-4, at any batch size."""
+"""ONNX export of deployed image and language stitches: the graph equals the torch model within 1e-4, at any batch
+size (and, for language, any length)."""
 
 from __future__ import annotations
 
@@ -33,3 +34,37 @@ def test_a_deployed_stitch_exports_to_onnx_and_matches_torch(tmp_path, vit_famil
         expected = palette(pixels, stitch=sid).numpy()
     got = session.run(["logits"], {"pixel_values": pixels.numpy()})[0]
     np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+
+
+def test_a_stitched_llm_exports_its_forward_to_onnx(tmp_path):
+    from lm_fixtures import WORDS, save_tiny_lm
+
+    from esta.export import export_onnx
+    from esta.families import load_family
+    from esta.palette import Palette
+    from esta.pst import PSTConfig
+
+    family = [save_tiny_lm(tmp_path / "a", "llama", 32, 3, 4, 2, seed=0),
+              save_tiny_lm(tmp_path / "b", "llama", 48, 4, 6, 3, seed=1)]
+    palette = Palette(load_family(family))
+    ids = torch.randint(4, len(WORDS), (4, 9), generator=torch.Generator().manual_seed(5))
+    palette.init_stitching({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    palette.apply_pst(PSTConfig())
+    with torch.no_grad():
+        for p in palette.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    palette.eval()
+    cut = max((s for s in palette.space.stitches if not s.is_anchor), key=lambda s: s.end_first)
+    DeployedStitch.from_palette(palette, cut.id).save_pretrained(tmp_path / "dep")
+    report = export_onnx(tmp_path / "dep")
+    assert report["max_abs_diff"] <= 1e-4 and report["inputs"] == ["input_ids", "attention_mask"]
+    session = ort.InferenceSession(report["path"], providers=["CPUExecutionProvider"])
+    x = torch.randint(4, len(WORDS), (4, 13), generator=torch.Generator().manual_seed(9))  # unseen batch and length
+    mask = torch.ones_like(x)
+    mask[1, :5] = 0  # left padding
+    with torch.no_grad():
+        expected = palette({"input_ids": x, "attention_mask": mask}, stitch=cut.id).numpy()
+    got = session.run(["logits"], {"input_ids": x.numpy(), "attention_mask": mask.numpy()})[0]
+    keep = mask.bool().numpy()
+    np.testing.assert_allclose(got[keep], expected[keep], atol=1e-4, rtol=0)

@@ -611,7 +611,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_profile)
 
-    p = sub.add_parser("export", help="export a deployed image stitch to ONNX (checked against onnxruntime)")
+    p = sub.add_parser("export", help="export a deployed image or language stitch to ONNX (checked against onnxruntime)")
     p.add_argument("--model", required=True, help="a deployed stitch folder")
     p.add_argument("--format", default="onnx", help="onnx")
     p.add_argument("--out", default=None, help="output file (default MODEL/model.onnx)")

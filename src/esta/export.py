@@ -1,9 +1,12 @@
-"""``esta export --format onnx``: a deployed image stitch as an ONNX graph, checked against onnxruntime.
+"""``esta export --format onnx``: a deployed stitch as an ONNX graph, checked against onnxruntime.
 
-The graph takes ``pixel_values``: float32 ``[batch, channels, height, width]`` in [0, 1] (the stitch's own
-normalisation is inside the graph) with a dynamic batch, and returns ``logits`` ``[batch, classes]``. After
-writing, the file is run by onnxruntime on a batch of another size than the one traced, and the largest
-difference from the torch model is reported; above ``tolerance`` the export is refused (the file is removed).
+An image stitch's graph takes ``pixel_values``: float32 ``[batch, channels, height, width]`` in [0, 1] (the
+stitch's own normalisation is inside the graph) with a dynamic batch, and returns ``logits`` ``[batch, classes]``.
+A language stitch's graph is its no-cache forward: ``input_ids`` and ``attention_mask`` (int64 ``[batch, length]``,
+both dynamic; left padding honoured) to ``logits`` ``[batch, length, vocab]``. After writing, the file is run by
+onnxruntime on another batch (and length) than the one traced, and the largest difference from the torch model is
+reported (over real tokens: a padded position's logits mean nothing); above ``tolerance`` the export is refused
+(the file is removed). The KV-cache forward is not exported.
 onnx, onnxscript and onnxruntime are an optional extra (``pip install 'esta[onnx]'``).
 """
 
@@ -22,6 +25,17 @@ from .deploy import DeployedStitch
 from .errors import EstaError
 
 log = logging.getLogger("esta.export")
+
+
+class _Tokens(nn.Module):
+    """A language stitch's no-cache forward: token ids and attention mask in, logits for every position out."""
+
+    def __init__(self, model: DeployedStitch) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model({"input_ids": input_ids, "attention_mask": attention_mask})
 
 
 class _Pixels(nn.Module):
@@ -59,32 +73,50 @@ def export_onnx(model_dir: str | Path, out: str | Path | None = None, tolerance:
         raise EstaError(f"ONNX export needs the onnx extra ({e.name} is missing): pip install 'esta[onnx]'") from e
     model = DeployedStitch.from_pretrained(model_dir).float().eval()
     front = model.front
-    if front.family != "vision":
-        raise EstaError(f"{model_dir} is a {front.family} stitch: ONNX export covers image stitches for now")
     out = Path(out) if out else Path(model_dir) / "model.onnx"
-    shape = (front.num_channels, front.image_size, front.image_size)
-    wrapper = _Pixels(model).eval()
-    example = torch.rand(2, *shape, generator=torch.Generator().manual_seed(0))
     batch = torch.export.Dim("batch", min=1, max=4096)
+    if front.family == "vision":
+        shape = (front.num_channels, front.image_size, front.image_size)
+        wrapper: nn.Module = _Pixels(model).eval()
+        names = ["pixel_values"]
+        example = (torch.rand(2, *shape, generator=torch.Generator().manual_seed(0)),)
+        check = (torch.rand(5, *shape, generator=torch.Generator().manual_seed(1)),)  # another batch than traced
+        dynamic = {"pixel_values": {0: batch}}
+        shape = ("batch", *shape)
+    else:  # a language stitch: the no-cache forward over a dynamic batch and length
+        wrapper, names = _Tokens(model).eval(), ["input_ids", "attention_mask"]
+        vocab = int(front.config.vocab_size)
+
+        def tokens(b: int, t: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+            ids = torch.randint(0, vocab, (b, t), generator=torch.Generator().manual_seed(seed))
+            mask = torch.ones_like(ids)
+            mask[0, : t // 3] = 0  # a left-padded row: the mask must be honoured, not traced away
+            return ids, mask
+
+        example, check = tokens(2, 7, 0), tokens(3, 11, 1)
+        length = torch.export.Dim("length", min=2, max=int(getattr(front.config, "max_position_embeddings", 4096)))
+        dynamic = {n: {0: batch, 1: length} for n in names}
+        shape = ("batch", "length")
     try:
         with _quiet_exporter():
-            program = torch.onnx.export(wrapper, (example,), dynamo=True, opset_version=opset,
-                                        input_names=["pixel_values"], output_names=["logits"],
-                                        dynamic_shapes={"pixel_values": {0: batch}}, verbose=False)
+            program = torch.onnx.export(wrapper, example, dynamo=True, opset_version=opset, input_names=names,
+                                        output_names=["logits"], dynamic_shapes=dynamic, verbose=False)
         program.save(str(out))
     except Exception as e:  # the exporter's own error types; a stitch it cannot trace is a limitation to report
         raise EstaError(f"ONNX export of {model_dir} failed: {' '.join(str(e).split())[:300]}") from e
-    check = torch.rand(5, *shape, generator=torch.Generator().manual_seed(1))  # another batch size than traced
     with torch.no_grad():
-        expected = wrapper(check).numpy()
+        expected = wrapper(*check).numpy()
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-    got = session.run(["logits"], {"pixel_values": check.numpy()})[0]
+    got = session.run(["logits"], {n: x.numpy() for n, x in zip(names, check)})[0]
+    if len(check) == 2:  # padded positions have no meaning (their row of the mask is empty): compare real tokens
+        keep = check[1].bool().numpy()
+        got, expected = got[keep], expected[keep]
     diff = float(abs(got - expected).max())
     if not diff <= tolerance:
         out.unlink(missing_ok=True)
         raise EstaError(f"the ONNX graph of {model_dir} differs from the torch model by {diff:.2e} (> {tolerance:g});"
                         f" not written")
-    log.info("wrote %s (max |onnxruntime - torch| = %.2e on a batch of 5)", out, diff)
-    return {"path": str(out), "max_abs_diff": diff, "opset": opset, "input": ["batch", *shape]}
+    log.info("wrote %s (max |onnxruntime - torch| = %.2e on another batch than traced)", out, diff)
+    return {"path": str(out), "max_abs_diff": diff, "opset": opset, "inputs": names, "input": list(shape)}
