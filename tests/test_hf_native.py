@@ -198,3 +198,25 @@ print(json.dumps({{"ids": out.tolist(), "type": type(m).__name__, "esta": "esta"
     again = DeployedStitch.from_pretrained(tmp_path / "dep")  # esta reads it back as its own
     with torch.no_grad():
         torch.testing.assert_close(again({"input_ids": prompt}), deployed({"input_ids": prompt}))
+
+
+def test_a_folder_deployed_before_config_json_gets_one_with_one_command(tmp_path, vit_family):
+    from helpers import esta as run_esta
+    from transformers import AutoModelForImageClassification
+
+    import esta  # noqa: F401
+
+    data = toy_task()
+    palette, _ = build(vit_family[:2], data)
+    cut = next(s for s in palette.space.stitches if not s.is_anchor)
+    DeployedStitch.from_palette(palette, cut.id).save_pretrained(tmp_path / "old")
+    for name in ("config.json", "preprocessor_config.json"):  # as an older esta left it
+        (tmp_path / "old" / name).unlink()
+    r = run_esta("export", "--model", str(tmp_path / "old"), "--format", "transformers")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1])["written"] == ["config.json", "preprocessor_config.json"]
+    model = AutoModelForImageClassification.from_pretrained(tmp_path / "old").eval()
+    images = data.images[:3]
+    with torch.no_grad():
+        torch.testing.assert_close(model(pixel_values=images.float() / 255).logits, palette(images, stitch=cut.id),
+                                   atol=1e-5, rtol=1e-5)

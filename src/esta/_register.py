@@ -18,6 +18,9 @@ log = logging.getLogger("esta")
 
 
 def _register() -> None:
+    being_imported = sys.modules.get(f"{__package__}.hf_native")
+    if being_imported is not None and not hasattr(being_imported, "register"):
+        return  # esta.hf_native itself pulled in the Auto classes: it registers when its import ends
     try:
         from .hf_native import register
 

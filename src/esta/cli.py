@@ -222,10 +222,13 @@ def _evaluate_lm(model, args: argparse.Namespace) -> dict:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import export_onnx
+    from .export import export_onnx, export_transformers
 
+    if args.format == "transformers":
+        print(json.dumps(export_transformers(args.model)))
+        return 0
     if args.format != "onnx":
-        raise EstaError(f"unknown export format {args.format!r}: onnx")
+        raise EstaError(f"unknown export format {args.format!r}: onnx, transformers")
     print(json.dumps(export_onnx(args.model, args.out, tolerance=args.tolerance)))
     return 0
 
@@ -613,7 +616,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="export a deployed image or language stitch to ONNX (checked against onnxruntime)")
     p.add_argument("--model", required=True, help="a deployed stitch folder")
-    p.add_argument("--format", default="onnx", help="onnx")
+    p.add_argument("--format", default="onnx", help="onnx, or transformers: give a folder deployed by an older "
+                   "esta the config.json that the Auto classes and pipeline read (weights untouched)")
     p.add_argument("--out", default=None, help="output file (default MODEL/model.onnx)")
     p.add_argument("--tolerance", type=float, default=1e-4, help="largest accepted |onnxruntime - torch|")
     p.set_defaults(func=cmd_export)

@@ -120,3 +120,26 @@ def export_onnx(model_dir: str | Path, out: str | Path | None = None, tolerance:
                         f" not written")
     log.info("wrote %s (max |onnxruntime - torch| = %.2e on another batch than traced)", out, diff)
     return {"path": str(out), "max_abs_diff": diff, "opset": opset, "inputs": names, "input": list(shape)}
+
+
+def export_transformers(model_dir: str | Path) -> dict:
+    """Give a folder deployed by an older esta (``esta_stitch.json`` + weights, no ``config.json``) the transformers
+    config that deployments now carry, so the Auto classes and ``pipeline`` load it after ``import esta``. The
+    weights are checked by loading them first and are not rewritten."""
+    import json
+
+    from .deploy import CONFIG_NAME
+    from .files import write_json
+    from .hf_native import hf_config
+
+    folder = Path(model_dir)
+    model = DeployedStitch.from_pretrained(folder)  # refuses a damaged or edited folder with one line
+    cfg = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
+    if cfg.get("weights") == "transformers":
+        return {"path": str(folder), "written": [], "note": "already a plain transformers model"}
+    written = ["config.json"]
+    write_json(folder / "config.json", hf_config(cfg, model.meta.get("classes")).to_dict())
+    if model.front.family == "vision":
+        write_json(folder / "preprocessor_config.json", model.front.preprocessor_config(normalize=False))
+        written.append("preprocessor_config.json")
+    return {"path": str(folder), "written": written}

@@ -209,3 +209,51 @@ def register() -> None:
         AutoConfig.register(config.model_type, config, exist_ok=True)
         auto.register(config, model, exist_ok=True)
         AutoModel.register(config, model, exist_ok=True)
+
+
+register()  # importing this module first (before the Auto classes) is also a way in
+
+
+def model_card(esta_config: dict, point: dict, run: dict, command: str | None) -> str:
+    """A deployed folder's ``README.md``: what it is, what it costs, how it scored, how to load it, what made it.
+
+    ``point``: the deployed network's entry of the run's typed results (``results.json`` -> ``run`` ->
+    ``deployed``); ``run``: that section's other fields (task, metric, method, seed, steps)."""
+    from .budget import AXES
+    from .results import METRICS
+
+    stitch, front, end = esta_config["stitch"], esta_config["front"], esta_config["end"]
+    language = front["family"] == "causal-lm"
+    metric, axis = METRICS[run["metric"]], AXES[run["cost_axis"]]
+    if stitch["front"] == stitch["end"]:
+        what = f"anchor {front['source']} (all {front['config']['num_hidden_layers']} blocks), adapted to the task"
+    else:
+        what = (f"blocks 0-{stitch['front_last']} of {front['source']}, a linear stitching layer, then blocks "
+                f"{stitch['end_first']}-{end['config']['num_hidden_layers'] - 1} of {end['source']}")
+    value = metric.show(point.get("value"))
+    budget = point.get("budget")
+    auto = "AutoModelForCausalLM" if language else "AutoModelForImageClassification"
+    use = ('model.generate(tokenizer("Hello", return_tensors="pt").input_ids, max_new_tokens=32)' if language
+           else 'pipeline("image-classification", model=".")(image)')
+    lines = [
+        "---", "library_name: transformers", f"pipeline_tag: {'text-generation' if language else 'image-classification'}",
+        "tags: [esta, stitchable-networks, model-stitching]", "---", "",
+        f"# {point.get('name', stitch.get('name', 'stitch'))}: a network deployed by esta for {run['task']}", "",
+        f"A stitched network from esta (Efficient Stitchable Task Adaptation): {what}.", "",
+        "| | |", "|---|---|",
+        f"| budget | {axis.show(budget) if budget is not None else '-'} |",
+        f"| cost | {axis.show(point['cost'])} per {'token' if language else 'image'} "
+        f"({point['params'] / 1e6:.2f} M parameters) |",
+        f"| {metric.name} on held-out data | {value} |",
+        f"| method, seed, steps | {run['method']}, {run['seed']}, {run['steps']} |",
+        f"| chosen by | {run['deploy_by']} |", "",
+        "## Use", "", "```python",
+        "import esta  # registers esta's model types with the Auto classes (no trust_remote_code)" if stitch["front"]
+        != stitch["end"] or not esta_config.get("weights") == "transformers" else
+        "# a whole anchor: plain transformers, esta not needed",
+        f"from transformers import {auto}, pipeline", "",
+        f'model = {auto}.from_pretrained(".")', use, "```", "",
+    ]
+    if command:
+        lines += ["## Made by", "", "```bash", command, "```", ""]
+    return "\n".join(lines)

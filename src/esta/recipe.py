@@ -21,7 +21,7 @@ import torch
 
 from .budget import check_budgets, parse_budgets
 from .cost import count_costs
-from .deploy import Choice, DeployedStitch, choose
+from .deploy import CONFIG_NAME, Choice, DeployedStitch, choose
 from .errors import EstaError
 from .families import MINI_FAMILY
 from .files import (
@@ -31,6 +31,7 @@ from .files import (
     replace_dir,
     wait_for_everyone,
     write_json,
+    write_text,
 )
 from .importance import SamplingConfig, budget_groups
 from .methods import get_method
@@ -255,8 +256,23 @@ def _run(config: RecipeConfig, task, out: Path) -> dict:
                           {"train_seconds": result.seconds, "select_seconds": select_seconds,
                            "deploy_seconds": deploy_seconds})
     task.write(results, out)
+    write_model_cards(dirs, results)
     wait_for_everyone()
     return results
+
+
+def write_model_cards(dirs: list[Path], results: dict) -> None:
+    """A ``README.md`` model card in each deployed folder, with the network's measured score (known only now)."""
+    import shlex
+    import sys
+
+    from .hf_native import model_card
+
+    run_info = results.get("run") or {}
+    command = "esta " + shlex.join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith(("esta", "cli.py")) else None
+    for folder, point in zip(dirs, run_info.get("deployed", [])):
+        esta_config = json.loads((Path(folder) / CONFIG_NAME).read_text())
+        write_text(Path(folder) / "README.md", model_card(esta_config, point, run_info, command))
 
 
 def default_budgets(palette: Palette, costs: list[float], sampling: SamplingConfig) -> list[float]:

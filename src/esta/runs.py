@@ -21,7 +21,7 @@ from .importance import SamplingConfig
 from .methods import get_method
 from .palette import Palette
 from .profile import palette_latencies
-from .recipe import export_choices, select
+from .recipe import export_choices, select, write_model_cards
 from .results import Point
 from .train import TrainResult, candidate_groups
 
@@ -118,6 +118,9 @@ def redeploy(run_dir: str | Path, budgets: list[float | str] | None, out_dir: st
         points = [Point(r["name"], on_axis[r["stitch_id"]], costs[r["stitch_id"]].flops, costs[r["stitch_id"]].params,
                         None, r["budget"], info["updates"][r["stitch_id"]]) for r in rows]
         _record_redeployment(Path(run_dir), rows, points, task.metric.name)
+        results_path = Path(run_dir) / "results.json"
+        if results_path.is_file():
+            write_model_cards(paths, json.loads(results_path.read_text()))
     return rows
 
 
