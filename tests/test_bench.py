@@ -52,3 +52,35 @@ def test_bench_skips_the_test_sweep_for_methods_without_regret(tmp_path, vit_fam
     r = run_bench(cfg)["tasks"][data]["esta-uniform"]
     assert r["mean_regret"] is None and r["sweep_seconds"] < 0.01
     assert 10 <= len(r["group_accuracy"]) <= 13 and all(0 <= a <= 1 for a in r["group_accuracy"])
+
+
+def test_the_sweep_run_at_the_chosen_rate_is_reused_and_the_ablations_run_on_the_first_task(tmp_path, monkeypatch):
+    import esta.bench as bench
+    from esta.results import Point, RunResults
+
+    calls = []
+
+    def fake_run(cfg, task, method, seed, lr, out, sweep=True):  # a run whose validation score rises with lr
+        calls.append((task, method, seed, lr, "lr-sweep" in str(out)))
+        v = 0.5 + 10 * (lr or 0.0) + 0.01 * seed
+        return RunResults(method=method, task=task, task_kind="image-classification", metric="accuracy",
+                          cost_axis="flops", deploy_by="validation",
+                          deployed=[Point("Ti", 1.0, 1.0, 1.0, v, budget=1.0, validation=v)],
+                          anchors=[Point("Ti", 1.0, 1.0, 1.0, v)], seed=seed, lr=lr or 0.0, steps=cfg.steps,
+                          train_seconds=1.0, trainable_params=1, total_params=2, peak_rss_mb=1.0)
+
+    monkeypatch.setattr(bench, "_run", fake_run)
+    monkeypatch.setattr(bench, "bench_plot", lambda *a, **k: None)
+    out = run_bench(BenchConfig(tasks=["t1", "t2"], out_dir=str(tmp_path), progress=False))
+    assert out["learning_rates"]["esta"] == max(bench.LR_GRID["esta"])
+    assert out["learning_rates"]["snnet"] == max(bench.LR_GRID["snnet"])
+    finals = [c for c in calls if not c[4]]
+    for method in bench.LR_GRID:  # the first task's first seed is the sweep's run at the chosen rate, not a new one
+        if bench.LR_GRID[method]:
+            assert ("t1", method, 0) not in [c[:3] for c in finals]
+            assert out["tasks"]["t1"][method]["seeds"] == [0, 1]
+    for ablation in bench.ABLATIONS:
+        assert ablation in out["tasks"]["t1"] and ablation not in out["tasks"]["t2"]
+    assert "importance_minus_uniform_points" in out["claims"]["t1"]
+    assert "importance_minus_uniform_points" not in out["claims"]["t2"]
+    assert "linear-probe" in out["tasks"]["t2"] and "esta" in out["tasks"]["t2"]

@@ -26,11 +26,14 @@ def run_block(code: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def test_the_readme_python_examples_run_as_written(tmp_path):
-    low_level, whole_job, language = python_blocks()
+    low_level, whole_job, language, with_transformers = python_blocks()
     for code in (low_level, whole_job):
         r = run_block(code, tmp_path)
         assert r.returncode == 0, r.stderr[-3000:]
     assert "GFLOPs" in r.stdout  # the whole job printed its deployed networks
+    r = run_block(with_transformers, tmp_path)  # reads what the whole job deployed
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip().splitlines()[-1] in [str(d) for d in range(10)]  # a digits class name
     family = [save_tiny_lm(tmp_path / "a", "llama", 32, 3, 4, 2, seed=0),
               save_tiny_lm(tmp_path / "b", "llama", 48, 4, 6, 3, seed=1)]
     (tmp_path / "my_alpaca.jsonl").write_text("\n".join(json.dumps(
