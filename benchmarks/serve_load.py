@@ -173,17 +173,16 @@ def main() -> None:
                 palette(images[k:k + 1], stitch=chosen[b])
             return time.perf_counter() - t
 
+        # each side in a loop of its own: a local forward right after a request would share the cores with the
+        # server's threads still spinning down
         for _ in range(args.switch_rounds):
-            for b in (lo, hi):
-                for i in range(n):
-                    timed[("fixed", "http", b)].append(single.post(b, bodies[i % args.images])[2])
-                    timed[("fixed", "local", b)].append(local(b, i % args.images))
-            for i in range(2 * n):
-                b = (lo, hi)[i % 2]
-                timed[("alternating", "http", b)].append(single.post(b, bodies[i % args.images])[2])
-            for i in range(2 * n):
-                b = (lo, hi)[i % 2]
-                timed[("alternating", "local", b)].append(local(b, i % args.images))
+            for where, call in (("http", lambda b, k: single.post(b, bodies[k])[2]), ("local", local)):
+                for b in (lo, hi):
+                    for i in range(n):
+                        timed[("fixed", where, b)].append(call(b, i % args.images))
+                for i in range(2 * n):
+                    b = (lo, hi)[i % 2]
+                    timed[("alternating", where, b)].append(call(b, i % args.images))
     finally:
         server.terminate()
         server.wait(timeout=30)
