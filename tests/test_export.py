@@ -37,24 +37,11 @@ def test_a_deployed_stitch_exports_to_onnx_and_matches_torch(tmp_path, vit_famil
 
 
 def test_a_stitched_llm_exports_its_forward_to_onnx(tmp_path):
-    from lm_fixtures import WORDS, save_tiny_lm
+    from lm_fixtures import WORDS, trained_looking_lm_palette
 
     from esta.export import export_onnx
-    from esta.families import load_family
-    from esta.palette import Palette
-    from esta.pst import PSTConfig
 
-    family = [save_tiny_lm(tmp_path / "a", "llama", 32, 3, 4, 2, seed=0),
-              save_tiny_lm(tmp_path / "b", "llama", 48, 4, 6, 3, seed=1)]
-    palette = Palette(load_family(family))
-    ids = torch.randint(4, len(WORDS), (4, 9), generator=torch.Generator().manual_seed(5))
-    palette.init_stitching({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
-    palette.apply_pst(PSTConfig())
-    with torch.no_grad():
-        for p in palette.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.05)
-    palette.eval()
+    palette = trained_looking_lm_palette(tmp_path)
     cut = max((s for s in palette.space.stitches if not s.is_anchor), key=lambda s: s.end_first)
     DeployedStitch.from_palette(palette, cut.id).save_pretrained(tmp_path / "dep")
     report = export_onnx(tmp_path / "dep")

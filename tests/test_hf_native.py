@@ -106,24 +106,14 @@ def test_a_deployed_stitch_loads_through_the_auto_classes_and_pipeline(tmp_path,
 
 
 def test_a_stitched_llm_generates_through_transformers_as_esta_does(tmp_path):
-    from lm_fixtures import WORDS, save_tiny_lm, save_tokenizer
+    from lm_fixtures import WORDS, save_tokenizer, trained_looking_lm_palette
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
     import esta  # noqa: F401
-    from esta.families import load_family
     from esta.generate import generate
-    from esta.palette import Palette
-    from esta.pst import PSTConfig
 
-    family = [save_tiny_lm(tmp_path / "a", "llama", 32, 3, 4, 2, seed=0),
-              save_tiny_lm(tmp_path / "b", "llama", 48, 4, 6, 3, seed=1)]
-    palette = Palette(load_family(family))
-    ids = torch.randint(4, len(WORDS), (4, 9), generator=torch.Generator().manual_seed(5))
-    palette.init_stitching({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
-    palette.apply_pst(PSTConfig())
-    _perturbed(palette)
-    palette.eval()
+    palette = trained_looking_lm_palette(tmp_path)
     cut = max((s for s in palette.space.stitches if not s.is_anchor), key=lambda s: s.end_first)
     assert cut.end_first > 0  # the end part starts mid-way: its own cache numbering
     deployed = DeployedStitch.from_palette(palette, cut.id)
@@ -160,21 +150,11 @@ def test_a_stitched_llm_generates_through_transformers_as_esta_does(tmp_path):
 
 
 def test_a_deployed_llm_anchor_is_the_plain_transformers_model(tmp_path):
-    from lm_fixtures import WORDS, save_tiny_lm, save_tokenizer
+    from lm_fixtures import WORDS, save_tokenizer, trained_looking_lm_palette
 
-    from esta.families import load_family
     from esta.generate import generate
-    from esta.palette import Palette
-    from esta.pst import PSTConfig
 
-    family = [save_tiny_lm(tmp_path / "a", "qwen2", 32, 2, 4, 1, seed=2),
-              save_tiny_lm(tmp_path / "b", "qwen2", 64, 3, 4, 2, seed=3)]
-    palette = Palette(load_family(family))
-    ids = torch.randint(4, len(WORDS), (4, 9), generator=torch.Generator().manual_seed(5))
-    palette.init_stitching({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
-    palette.apply_pst(PSTConfig())
-    _perturbed(palette)
-    palette.eval()
+    palette = trained_looking_lm_palette(tmp_path, "qwen2")
     anchor = palette.space.anchor_ids()[-1]
     deployed = DeployedStitch.from_palette(palette, anchor)
     deployed.save_pretrained(tmp_path / "dep")
