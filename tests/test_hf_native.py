@@ -200,3 +200,26 @@ def test_a_folder_deployed_before_config_json_gets_one_with_one_command(tmp_path
     with torch.no_grad():
         torch.testing.assert_close(model(pixel_values=images.float() / 255).logits, palette(images, stitch=cut.id),
                                    atol=1e-5, rtol=1e-5)
+
+
+def test_a_model_card_says_how_to_load_what_it_describes():
+    from esta.hf_native import model_card
+
+    run = {"task": "digits", "metric": "accuracy", "cost_axis": "flops", "method": "esta", "seed": 0, "steps": 20,
+           "deploy_by": "validation"}
+    point = {"name": "0[:5]->1[7:]", "cost": 7.1e7, "params": 9e5, "value": 0.652, "budget": 8e7}
+    grey = {"family": "vision", "source": "ti", "config": {"num_hidden_layers": 3, "num_channels": 1}}
+    cut = {"stitch": {"front": 0, "end": 1, "front_last": 1, "end_first": 2}, "front": grey,
+           "end": {**grey, "source": "s"}}
+    card = model_card(cut, point, run, "esta train --data digits")
+    assert "import esta" in card and 'pipeline("image-classification"' in card and "GFLOPs per image" in card
+    assert "65.2" in card and "esta train --data digits" in card
+    # a grey anchor saved as plain DeiT: no esta needed, and no pipeline (it makes images RGB)
+    anchor = {"stitch": {"front": 0, "end": 0, "front_last": 2, "end_first": 0}, "front": grey, "end": None,
+              "weights": "transformers"}
+    card = model_card(anchor, {**point, "name": "anchor0"}, run, None)
+    assert "import esta" not in card and "pipeline(" not in card and "AutoImageProcessor" in card
+    lm = {"stitch": cut["stitch"], "front": {"family": "causal-lm", "source": "a", "config": {"num_hidden_layers": 3}},
+          "end": {"family": "causal-lm", "source": "b", "config": {"num_hidden_layers": 4}}}
+    card = model_card(lm, {**point, "value": 12.3}, {**run, "metric": "perplexity", "cost_axis": "params"}, None)
+    assert "AutoTokenizer.from_pretrained" in card and "per image" not in card and "per token" not in card

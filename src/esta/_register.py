@@ -8,6 +8,7 @@ one-shot import hook registers right after it is (``from transformers import Aut
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import logging
 import sys
@@ -18,13 +19,10 @@ log = logging.getLogger("esta")
 
 
 def _register() -> None:
-    being_imported = sys.modules.get(f"{__package__}.hf_native")
-    if being_imported is not None and not hasattr(being_imported, "register"):
-        return  # esta.hf_native itself pulled in the Auto classes: it registers when its import ends
+    # importing esta.hf_native registers (its last line); if it is the module whose import pulled in the Auto
+    # classes, it is already in sys.modules, half-run, and registers when its import ends
     try:
-        from .hf_native import register
-
-        register()
+        importlib.import_module(f"{__package__}.hf_native")
     except Exception as e:  # noqa: BLE001 - never break the user's import of transformers
         log.warning("esta could not register its model types with transformers' Auto classes: %s", e)
 

@@ -188,11 +188,9 @@ class DeployedStitch(nn.Module):
             atomic_write(folder / WEIGHTS_NAME, lambda p: save_file(tensors, str(p)))
             # the same weights as a transformers model of esta's registered type (``config.json``): after
             # ``import esta`` the Auto classes, pipeline and generate() take the folder (see esta.hf_native)
-            from .hf_native import hf_config
+            from .hf_native import write_transformers_files
 
-            write_json(folder / "config.json", hf_config(config, self.meta.get("classes")).to_dict())
-            if self.front.family == "vision":
-                write_json(folder / "preprocessor_config.json", self.front.preprocessor_config(normalize=False))
+            write_transformers_files(folder, config, self.front, self.meta.get("classes"))
         write_json(folder / CONFIG_NAME, config)  # last: a folder with a config holds whole weights
         return folder
 
@@ -249,7 +247,8 @@ class DeployedStitch(nn.Module):
                                      f"{theirs['config'].get(key)} in {CONFIG_NAME}")
             for key in ("image_mean", "image_std", "num_labels"):
                 if mine.get(key) != theirs.get(key):
-                    raise ValueError(f"{key} is {mine[key]} beside the weights, {theirs[key]} in {CONFIG_NAME}")
+                    raise ValueError(f"{key} is {mine.get(key)} beside the weights, {theirs.get(key)} in "
+                                     f"{CONFIG_NAME}")
         except (KeyError, TypeError, ValueError) as e:
             raise _mismatch(cfg_path, e) from e
         return cls(stitch, front, None, None, cfg.get("meta")).eval()

@@ -76,13 +76,14 @@ def export_onnx(model_dir: str | Path, out: str | Path | None = None, tolerance:
     out = Path(out) if out else Path(model_dir) / "model.onnx"
     batch = torch.export.Dim("batch", min=1, max=4096)
     if front.family == "vision":
-        shape = (front.num_channels, front.image_size, front.image_size)
+        image = (front.num_channels, front.image_size, front.image_size)
         wrapper: nn.Module = _Pixels(model).eval()
         names = ["pixel_values"]
-        example = (torch.rand(2, *shape, generator=torch.Generator().manual_seed(0)),)
-        check = (torch.rand(5, *shape, generator=torch.Generator().manual_seed(1)),)  # another batch than traced
+        example = (torch.rand(2, *image, generator=torch.Generator().manual_seed(0)),)
+        check = (torch.rand(5, *image, generator=torch.Generator().manual_seed(1)),)  # another batch than traced
         dynamic = {"pixel_values": {0: batch}}
-        shape = ("batch", *shape)
+        shape = ("batch", *image)
+        real = None  # every output row means something
     else:  # a language stitch: the no-cache forward over a dynamic batch and length
         wrapper, names = _Tokens(model).eval(), ["input_ids", "attention_mask"]
         vocab = int(front.config.vocab_size)
@@ -94,6 +95,7 @@ def export_onnx(model_dir: str | Path, out: str | Path | None = None, tolerance:
             return ids, mask
 
         example, check = tokens(2, 7, 0), tokens(3, 11, 1)
+        real = check[1].bool().numpy()  # a padded position's logits mean nothing: compare real tokens
         length = torch.export.Dim("length", min=2, max=int(getattr(front.config, "max_position_embeddings", 4096)))
         dynamic = {n: {0: batch, 1: length} for n in names}
         shape = ("batch", "length")
@@ -110,9 +112,8 @@ def export_onnx(model_dir: str | Path, out: str | Path | None = None, tolerance:
 
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     got = session.run(["logits"], {n: x.numpy() for n, x in zip(names, check)})[0]
-    if len(check) == 2:  # padded positions have no meaning (their row of the mask is empty): compare real tokens
-        keep = check[1].bool().numpy()
-        got, expected = got[keep], expected[keep]
+    if real is not None:
+        got, expected = got[real], expected[real]
     diff = float(abs(got - expected).max())
     if not diff <= tolerance:
         out.unlink(missing_ok=True)
@@ -129,17 +130,12 @@ def export_transformers(model_dir: str | Path) -> dict:
     import json
 
     from .deploy import CONFIG_NAME
-    from .files import write_json
-    from .hf_native import hf_config
+    from .hf_native import write_transformers_files
 
     folder = Path(model_dir)
     model = DeployedStitch.from_pretrained(folder)  # refuses a damaged or edited folder with one line
     cfg = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
     if cfg.get("weights") == "transformers":
         return {"path": str(folder), "written": [], "note": "already a plain transformers model"}
-    written = ["config.json"]
-    write_json(folder / "config.json", hf_config(cfg, model.meta.get("classes")).to_dict())
-    if model.front.family == "vision":
-        write_json(folder / "preprocessor_config.json", model.front.preprocessor_config(normalize=False))
-        written.append("preprocessor_config.json")
+    written = write_transformers_files(folder, cfg, model.front, model.meta.get("classes"))
     return {"path": str(folder), "written": written}

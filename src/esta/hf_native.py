@@ -16,6 +16,7 @@ rotary table and masks, exactly as in esta's own generation.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -181,9 +182,8 @@ def hf_config(esta_config: dict, classes: list[str] | None = None) -> _StitchCon
             "esta_meta": esta_config.get("meta", {})}
     family = esta_config["front"]["family"]
     if family == "vision":
-        labels = list(classes) if classes else None
         n = (esta_config["end"] or esta_config["front"])["num_labels"]
-        labels = labels or [f"LABEL_{i}" for i in range(n)]
+        labels = list(classes) if classes else [f"LABEL_{i}" for i in range(n)]
         return StitchImageConfig(**base, architectures=[StitchForImageClassification.__name__],
                                  id2label=dict(enumerate(labels)), label2id={c: i for i, c in enumerate(labels)},
                                  dtype=base["esta_dtype"])
@@ -193,6 +193,19 @@ def hf_config(esta_config: dict, classes: list[str] | None = None) -> _StitchCon
                                 bos_token_id=first.get("bos_token_id"), eos_token_id=last.get("eos_token_id"),
                                 pad_token_id=first.get("pad_token_id"), tie_word_embeddings=False, use_cache=True,
                                 dtype=base["esta_dtype"])
+
+
+def write_transformers_files(folder: Path, esta_config: dict, front: Any, classes: list[str] | None) -> list[str]:
+    """Beside a deployed stitch's weights, what transformers reads: ``config.json`` of esta's registered type and,
+    for an image stitch, an image processor that only resizes and rescales (the model normalises inside). Returns
+    the names written."""
+    from .files import write_json
+
+    write_json(folder / "config.json", hf_config(esta_config, classes).to_dict())
+    if front.family != "vision":
+        return ["config.json"]
+    write_json(folder / "preprocessor_config.json", front.preprocessor_config(normalize=False))
+    return ["config.json", "preprocessor_config.json"]
 
 
 def register() -> None:
@@ -211,7 +224,7 @@ def register() -> None:
         AutoModel.register(config, model, exist_ok=True)
 
 
-register()  # importing this module first (before the Auto classes) is also a way in
+register()  # importing this module registers (esta._register imports it when the Auto classes load)
 
 
 def model_card(esta_config: dict, point: dict, run: dict, command: str | None) -> str:
@@ -224,6 +237,7 @@ def model_card(esta_config: dict, point: dict, run: dict, command: str | None) -
 
     stitch, front, end = esta_config["stitch"], esta_config["front"], esta_config["end"]
     language = front["family"] == "causal-lm"
+    plain = esta_config.get("weights") == "transformers"  # a whole anchor saved as the plain transformers model
     metric, axis = METRICS[run["metric"]], AXES[run["cost_axis"]]
     if stitch["front"] == stitch["end"]:
         what = f"anchor {front['source']} (all {front['config']['num_hidden_layers']} blocks), adapted to the task"
@@ -232,9 +246,20 @@ def model_card(esta_config: dict, point: dict, run: dict, command: str | None) -
                 f"{stitch['end_first']}-{end['config']['num_hidden_layers'] - 1} of {end['source']}")
     value = metric.show(point.get("value"))
     budget = point.get("budget")
-    auto = "AutoModelForCausalLM" if language else "AutoModelForImageClassification"
-    use = ('model.generate(tokenizer("Hello", return_tensors="pt").input_ids, max_new_tokens=32)' if language
-           else 'pipeline("image-classification", model=".")(image)')
+    if language:
+        imports = "AutoModelForCausalLM, AutoTokenizer"
+        use = ['model = AutoModelForCausalLM.from_pretrained(".")', 'tokenizer = AutoTokenizer.from_pretrained(".")',
+               'model.generate(**tokenizer("Hello", return_tensors="pt"), max_new_tokens=32)']
+    elif plain and front["config"].get("num_channels") == 1:
+        # a grey plain ViT/DeiT: pipeline() makes every image RGB, which it cannot take (esta's stitches can)
+        imports = "AutoImageProcessor, AutoModelForImageClassification"
+        use = ['model = AutoModelForImageClassification.from_pretrained(".")',
+               'processor = AutoImageProcessor.from_pretrained(".")',
+               'logits = model(**processor(grey_image, return_tensors="pt")).logits']
+    else:
+        imports = "pipeline"
+        use = ['classify = pipeline("image-classification", model=".")', "classify(image)"]
+    per = " per image" if axis.key == "flops" else ""
     lines = [
         "---", "library_name: transformers", f"pipeline_tag: {'text-generation' if language else 'image-classification'}",
         "tags: [esta, stitchable-networks, model-stitching]", "---", "",
@@ -242,17 +267,14 @@ def model_card(esta_config: dict, point: dict, run: dict, command: str | None) -
         f"A stitched network from esta (Efficient Stitchable Task Adaptation): {what}.", "",
         "| | |", "|---|---|",
         f"| budget | {axis.show(budget) if budget is not None else '-'} |",
-        f"| cost | {axis.show(point['cost'])} per {'token' if language else 'image'} "
-        f"({point['params'] / 1e6:.2f} M parameters) |",
+        f"| cost | {axis.show(point['cost'])}{per} ({point['params'] / 1e6:.2f} M parameters) |",
         f"| {metric.name} on held-out data | {value} |",
         f"| method, seed, steps | {run['method']}, {run['seed']}, {run['steps']} |",
         f"| chosen by | {run['deploy_by']} |", "",
         "## Use", "", "```python",
-        "import esta  # registers esta's model types with the Auto classes (no trust_remote_code)" if stitch["front"]
-        != stitch["end"] or not esta_config.get("weights") == "transformers" else
-        "# a whole anchor: plain transformers, esta not needed",
-        f"from transformers import {auto}, pipeline", "",
-        f'model = {auto}.from_pretrained(".")', use, "```", "",
+        "# a whole anchor: plain transformers, esta not needed" if plain else
+        "import esta  # registers esta's model types with the Auto classes (no trust_remote_code)",
+        f"from transformers import {imports}", "", *use, "```", "",
     ]
     if command:
         lines += ["## Made by", "", "```bash", command, "```", ""]

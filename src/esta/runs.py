@@ -117,21 +117,21 @@ def redeploy(run_dir: str | Path, budgets: list[float | str] | None, out_dir: st
         on_axis = [float(v) for v in info[task.axis.key]]  # the run's own cost axis, whatever the budgets' unit
         points = [Point(r["name"], on_axis[r["stitch_id"]], costs[r["stitch_id"]].flops, costs[r["stitch_id"]].params,
                         None, r["budget"], info["updates"][r["stitch_id"]]) for r in rows]
-        _record_redeployment(Path(run_dir), rows, points, task.metric.name)
-        results_path = Path(run_dir) / "results.json"
-        if results_path.is_file():
-            write_model_cards(paths, json.loads(results_path.read_text()))
+        results = _record_redeployment(Path(run_dir), rows, points, task.metric.name)
+        if results is not None:
+            write_model_cards(paths, results)
     return rows
 
 
-def _record_redeployment(run_dir: Path, rows: list[dict], points: list[Point], metric: str) -> None:
+def _record_redeployment(run_dir: Path, rows: list[dict], points: list[Point], metric: str) -> dict | None:
     """The run's results.json describes what RUN/deployed now holds: each new pick with the accuracy the run's
     sweep measured for that stitch (a deployed stitch computes what it computed in the palette; a language run
     measured only what it deployed, so a new pick's metrics are unknown), and an image run's summary recomputed;
-    the training-time deployment is kept under ``deployed_at_training``."""
+    the training-time deployment is kept under ``deployed_at_training``. Returns the results as written (None: the
+    run has none)."""
     path = run_dir / "results.json"
     if not path.is_file():
-        return
+        return None
     results = json.loads(path.read_text())
     measured = {s["id"]: s.get("accuracy") for s in results.get("stitches", [])}
     before = {d["stitch_id"]: d for d in results.get("deployed", [])}
@@ -147,7 +147,7 @@ def _record_redeployment(run_dir: Path, rows: list[dict], points: list[Point], m
         results["run"]["deployed"] = [asdict(p) for p in points]
     if "stitches" not in results:
         write_json(path, results)
-        return
+        return results
     accs = [d["accuracy"] for d in results["deployed"]]
     known = [a for a in accs if a is not None]
     summary = results.setdefault("summary", {})
@@ -156,6 +156,7 @@ def _record_redeployment(run_dir: Path, rows: list[dict], points: list[Point], m
         "spearman_budget_accuracy": spearman([r["budget"] for r in rows], accs) if None not in accs else None,
         "largest_drop": largest_drop(accs), "mean_regret": None, "mean_regret_in_budget": None})
     write_json(path, results)
+    return results
 
 
 def save_run_palette(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
