@@ -138,26 +138,24 @@ def main() -> None:
         client = Client(port)
         for b in budgets:  # warm-up: one request per budget
             client.post(b, bodies[0])
-        latencies: dict[str, list[float]] = {b: [] for b in budgets}
-        errors, mismatches = [], 0
-
-        def one(item: tuple[str, int]) -> None:
-            nonlocal mismatches
-            b, k = item
-            status, answer, dt = client.post(b, bodies[k])
-            if status != 200:
-                errors.append((status, answer))
-                return
-            latencies[b].append(dt)
-            expected = offline[(b, k)]
-            same = answer["stitch_id"] == chosen[b] and answer["index"] == int(expected.argmax()) and \
-                max(abs(p - float(e)) for p, e in zip(answer["probabilities"], expected)) < 1e-5
-            mismatches += not same
+        def one(item: tuple[str, int]) -> tuple[str, int, dict, float]:
+            status, answer, dt = client.post(item[0], bodies[item[1]])
+            return item[0], status, answer, dt
 
         t0 = time.perf_counter()
         with ThreadPoolExecutor(args.concurrency) as pool:
-            list(pool.map(one, plan))
+            answers = list(pool.map(one, plan))  # counted here, not in the threads (no shared counters)
         served_s = time.perf_counter() - t0
+        latencies: dict[str, list[float]] = {b: [] for b in budgets}
+        errors, mismatches = [], 0
+        for (b, k), (_, status, answer, dt) in zip(plan, answers):
+            if status != 200:
+                errors.append((status, answer))
+                continue
+            latencies[b].append(dt)
+            expected = offline[(b, k)]
+            mismatches += not (answer["stitch_id"] == chosen[b] and answer["index"] == int(expected.argmax()) and
+                               max(abs(p - float(e)) for p, e in zip(answer["probabilities"], expected)) < 1e-5)
 
         # switching stitch: sequential requests, fixed budget vs alternating between two budgets, interleaved
         # rounds; latencies kept per budget (a cheap and a costly stitch: their mix has no meaningful median)
