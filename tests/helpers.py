@@ -62,6 +62,15 @@ def toy_task(n=48, classes=3, seed=0):
     return TensorImageDataset(images.to(torch.uint8), labels)
 
 
+def perturb_adapters(palette, scale: float = 0.05) -> None:
+    """Make a palette look trained: nonzero LoRA and stitch-specific biases everywhere, which deploying must merge
+    into the saved weights."""
+    with torch.no_grad():
+        for p in palette.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * scale)
+
+
 def build(paths, data, pst=None, seed=0):
     torch.manual_seed(seed)
     palette = Palette(load_family(paths, num_labels=3))

@@ -40,6 +40,8 @@ def save_tiny_lm(folder: Path, kind: str = "llama", width: int = 32, depth: int 
 def trained_looking_lm_palette(folder: Path, kind: str = "llama"):
     """A palette of two tiny LMs (other widths, depths and GQA groups) with fitted stitching layers and PST whose
     adapters are nonzero, as after training (merging must carry them into what is deployed); in eval mode."""
+    from helpers import perturb_adapters
+
     from esta.families import load_family
     from esta.palette import Palette
     from esta.pst import PSTConfig
@@ -50,8 +52,5 @@ def trained_looking_lm_palette(folder: Path, kind: str = "llama"):
     ids = torch.randint(4, len(WORDS), (4, 9), generator=torch.Generator().manual_seed(5))
     palette.init_stitching({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
     palette.apply_pst(PSTConfig())
-    with torch.no_grad():
-        for p in palette.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.05)
+    perturb_adapters(palette)
     return palette.eval()

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import build, esta, toy_task
+from helpers import build, esta, perturb_adapters, toy_task
 
 from esta.deploy import DeployedStitch
 
@@ -18,10 +18,7 @@ ort = pytest.importorskip("onnxruntime", reason="onnxruntime cannot be installed
 def test_a_deployed_stitch_exports_to_onnx_and_matches_torch(tmp_path, vit_family):
     data = toy_task()
     palette, _ = build(vit_family[:2], data)
-    with torch.no_grad():  # a trained-looking stitch: nonzero adapters and biases everywhere
-        for p in palette.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.05)
+    perturb_adapters(palette)  # a trained-looking stitch: nonzero adapters and biases everywhere
     sid = next(s.id for s in palette.space.stitches if not s.is_anchor)
     DeployedStitch.from_palette(palette, sid).save_pretrained(tmp_path / "dep")
     r = esta("export", "--model", str(tmp_path / "dep"), "--format", "onnx")

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import torch
-from helpers import build, toy_task
+from helpers import build, perturb_adapters, toy_task
 
 from esta.deploy import DeployedStitch
 
@@ -15,10 +15,7 @@ from esta.deploy import DeployedStitch
 def test_a_deployed_anchor_loads_with_plain_transformers_and_equals_esta(tmp_path, vit_family):
     data = toy_task()
     palette, _ = build(vit_family[:2], data)
-    with torch.no_grad():  # trained-looking adapters: LoRA and biases must be merged into the saved weights
-        for p in palette.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.05)
+    perturb_adapters(palette)
     sid = next(s.id for s in palette.space.stitches if s.is_anchor)
     classes = ["dark", "mid", "bright"]
     DeployedStitch.from_palette(palette, sid, meta={"classes": classes}).save_pretrained(tmp_path / "dep")
@@ -54,13 +51,6 @@ print(json.dumps({{"logits": logits.tolist(), "labels": m.config.id2label, "top"
         torch.testing.assert_close(again(images), expected, atol=1e-5, rtol=1e-5)
 
 
-def _perturbed(palette) -> None:
-    with torch.no_grad():  # trained-looking adapters: LoRA and biases must be merged into the saved weights
-        for p in palette.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.05)
-
-
 def test_a_deployed_stitch_loads_through_the_auto_classes_and_pipeline(tmp_path, vit_family):
     from PIL import Image
     from transformers import (
@@ -75,7 +65,7 @@ def test_a_deployed_stitch_loads_through_the_auto_classes_and_pipeline(tmp_path,
 
     data = toy_task()
     palette, _ = build(vit_family[:2], data)
-    _perturbed(palette)
+    perturb_adapters(palette)
     cut = max((s for s in palette.space.stitches if not s.is_anchor), key=lambda s: s.end_first)
     classes = ["dark", "mid", "bright"]
     DeployedStitch.from_palette(palette, cut.id, meta={"classes": classes}).save_pretrained(tmp_path / "dep")
