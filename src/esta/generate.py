@@ -70,15 +70,21 @@ def chat_prompt_ids(tokenizer, messages: list[dict]) -> torch.Tensor:
 
 
 def stream_text(model: Model, tokenizer, input_ids: torch.Tensor, max_new_tokens: int = 256,
-                **kw) -> Iterator[str]:
+                stats: dict | None = None, **kw) -> Iterator[str]:
     """The reply as text pieces, as tokens arrive (decoding the whole reply each time keeps multi-byte characters
-    and merged spaces right, and yields only what is new)."""
+    and merged spaces right, and yields only what is new). ``stats``, if given, is filled with ``tokens`` (new
+    tokens made, the end-of-sequence one excluded) and ``finish_reason`` (``"stop"``: end of sequence;
+    ``"length"``: ``max_new_tokens`` reached)."""
     new: list[int] = []
     shown = ""
+    stats = {} if stats is None else stats
+    stats.update(tokens=0, finish_reason="length")
     for tok in generate_ids(model, input_ids, max_new_tokens, eos_token_id=tokenizer.eos_token_id, **kw):
         if tokenizer.eos_token_id is not None and int(tok[0]) == tokenizer.eos_token_id:
+            stats["finish_reason"] = "stop"
             break
         new.append(int(tok[0]))
+        stats["tokens"] = len(new)
         text = tokenizer.decode(new, skip_special_tokens=True)
         if not text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
             yield text[len(shown):]

@@ -69,6 +69,10 @@ def profile_palette(folder: str | Path, batch_size: int = 1, threads: int | None
     if warmup < 0 or (threads is not None and threads < 1):
         raise EstaError(f"warm-up must be >= 0 and threads >= 1, got {warmup} and {threads}")
     palette, table = load_palette(folder)
+    if palette.anchors[0].family != "vision":
+        # a forward's time grows with the text's length and the cache: one number per stitch would mislead
+        raise EstaError(f"{folder} is a {palette.anchors[0].family} palette: esta profile measures image palettes "
+                        "only; budget language palettes by parameters")
     before = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)

@@ -161,23 +161,40 @@ def _record_redeployment(run_dir: Path, rows: list[dict], points: list[Point], m
 
 def save_run_palette(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
     """``esta deploy --palette``: the whole trained palette of a run as one artifact (see ``serving``), with every
-    stitch's cost and, where the run's sweep measured it, its accuracy."""
+    stitch's cost and what the run measured of it: an image run's test accuracy from its sweep, a language run's
+    validation perplexity (its tokenizer saved beside). A language stitch that screening dropped before training
+    is kept in the file (the space stays whole) but marked ``servable: False``."""
     from .serving import save_palette
 
     run_dir = Path(run_dir)
     palette, info = load_run(run_dir)
-    if "classes" not in info:
-        raise EstaError(f"{run_dir} is a language run: esta deploy --palette saves image palettes only (deploy "
-                        f"its budgets with esta deploy --run)")
     if info["step"] < info["total_steps"]:
         raise EstaError(f"{run_dir} is unfinished (checkpoint at step {info['step']} of {info['total_steps']})")
-    accuracy = {}
-    if (run_dir / "results.json").is_file():
-        results = json.loads((run_dir / "results.json").read_text())
-        accuracy = {s["id"]: s.get("accuracy") for s in results.get("stitches", [])}
-    cfg = info["config"]
-    rows = [{"flops": float(f), "params": int(p), "accuracy": accuracy.get(i), "updates": info["updates"][i]}
-            for i, (f, p) in enumerate(zip(info["flops"], info["params"]))]
+    results = json.loads((run_dir / "results.json").read_text()) if (run_dir / "results.json").is_file() else {}
+    cfg, out = info["config"], Path(out_dir) if out_dir else run_dir / "palette"
     space_args = {k: cfg[k] for k in ("kernel", "stride", "pairing", "two_way")}
-    return save_palette(palette, Path(out_dir) if out_dir else run_dir / "palette", space_args=space_args,
-                        stitches=rows, classes=info["classes"], task=info["task"])
+    if "classes" in info:
+        accuracy = {s["id"]: s.get("accuracy") for s in results.get("stitches", [])}
+        rows = [{"flops": float(f), "params": int(p), "accuracy": accuracy.get(i), "updates": info["updates"][i]}
+                for i, (f, p) in enumerate(zip(info["flops"], info["params"]))]
+        return save_palette(palette, out, space_args=space_args, stitches=rows, classes=info["classes"],
+                            task=info["task"])
+    kept = (info.get("screening") or {}).get("kept")
+    servable = set(range(len(palette))) if kept is None else set(kept) | set(palette.space.anchor_ids())
+    perplexity = _language_validation(results, palette)
+    rows = [{"params": int(p), "perplexity": perplexity.get(i), "updates": info["updates"][i],
+             "servable": i in servable} for i, p in enumerate(info["params"])]
+    return save_palette(palette, out, space_args=space_args, stitches=rows, task=info["task"],
+                        tokenizer=info["run_task"].tokenizer)
+
+
+def _language_validation(results: dict, palette: Palette) -> dict[int, float]:
+    """Validation perplexity per stitch id, as a language run measured it (records never trained on): the
+    stitches of groups that had a choice, and every deployed stitch."""
+    out = {d["stitch_id"]: d["validation_perplexity"] for d in (results.get("deployment") or {}).get("stitches", [])
+           if d.get("validation_perplexity") is not None}
+    ids = {s.name: s.id for s in palette.space.stitches}
+    for p in (results.get("run") or {}).get("deployed", []):
+        if p.get("validation") is not None and p.get("name") in ids:
+            out.setdefault(ids[p["name"]], p["validation"])
+    return out

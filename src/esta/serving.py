@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from .deploy import _anchor_class, built_in, weight_dtype
 from .errors import EstaError
@@ -27,6 +28,8 @@ FORMAT = "esta-palette"
 WEIGHTS = "palette.safetensors"
 TABLE = "palette.json"
 _LORA = ("lora_A", "lora_B")
+#: what a palette's table measures per stitch, by family, and whether higher is better
+SCORES = {"vision": ("accuracy", True), "causal-lm": ("perplexity", False)}
 
 
 def fold_palette_(palette: Palette) -> Palette:
@@ -38,9 +41,10 @@ def fold_palette_(palette: Palette) -> Palette:
 
 
 def save_palette(palette: Palette, folder: str | Path, *, space_args: dict, stitches: list[dict],
-                 classes: list[str] | None = None, task: str | None = None) -> Path:
+                 classes: list[str] | None = None, task: str | None = None, tokenizer=None) -> Path:
     """Write ``palette`` (trained, PST applied) as one artifact; ``stitches``: one row per stitch (its cost and
-    whatever was measured), in stitch order. Folds the palette's LoRA updates in place."""
+    whatever was measured), in stitch order; a language palette's ``tokenizer`` is saved beside it. Folds the
+    palette's LoRA updates in place."""
     if palette.pst is None or palette.pst.full_finetune:
         raise EstaError("only a PST palette (shared LoRA, per-stitch biases) can be saved as one palette")
     if len(stitches) != len(palette):
@@ -48,12 +52,21 @@ def save_palette(palette: Palette, folder: str | Path, *, space_args: dict, stit
     folder = Path(folder)
     fold_palette_(palette.eval())
     state = {k: v.detach().contiguous() for k, v in palette.state_dict().items() if not k.endswith(_LORA)}
+    # An anchor rebuilt from its spec has a bias on every layer a stitch-specific bias may reach (Llama's q/k/v/o
+    # carry none when pretrained): write zeros for the bias-less ones, so the file is complete either way.
+    for name, m in palette.named_modules():
+        if isinstance(m, nn.Linear) and m.bias is None and not name.endswith(_LORA):
+            state[f"{name}.bias"] = torch.zeros(m.out_features, dtype=m.weight.dtype)
     broken = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if broken:
         raise EstaError(f"refusing to save the palette: {len(broken)} tensors hold NaN or inf (e.g. {broken[0]})")
     atomic_write(folder / WEIGHTS, lambda p: save_file(state, str(p)))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    family = palette.anchors[0].family
     write_json(folder / TABLE, {
-        "format": FORMAT, "version": 1, "task": task, "classes": classes,
+        "format": FORMAT, "version": 1, "task": task, "family": family, "score": SCORES[family][0],
+        "classes": classes,
         "anchors": [a.spec() for a in palette.anchors], "space": space_args, "pst": palette.pst.to_dict(),
         "dtype": str(weight_dtype(palette.anchors[0].blocks)).removeprefix("torch."),
         "stitches": [{"id": s.id, "name": s.name, **row} for s, row in zip(palette.space.stitches, stitches)],
@@ -90,6 +103,8 @@ def load_palette(folder: str | Path) -> tuple[Palette, dict]:
         raise EstaError(f"{folder / TABLE} does not describe the weights beside it ({type(e).__name__}: "
                         f"{str(e).splitlines()[0][:160]})") from e
     missing = [k for k in missing if not k.endswith(_LORA)]
+    # the zero biases save_palette writes for layers that the rebuilt anchor builds without one (e.g. an LM head)
+    unexpected = [k for k in unexpected if not (k.endswith(".bias") and not state[k].any())]
     if missing or unexpected:
         raise EstaError(f"{folder} does not match its table: {len(missing)} tensors missing, {len(unexpected)} "
                         f"unknown (e.g. {(missing or unexpected)[0]})")
@@ -97,11 +112,23 @@ def load_palette(folder: str | Path) -> tuple[Palette, dict]:
     return palette.eval(), table
 
 
-def best_within(table: dict, budget: float, key: str = "flops", score: str = "accuracy") -> dict:
-    """The table's row with the best ``score`` (the costliest where none was measured) among those within
-    ``budget`` of ``key``; an EstaError naming the cheapest cost when none fits."""
-    rows = [r for r in table["stitches"] if r.get(key) is not None and r[key] <= budget]
+def best_within(table: dict, budget: float, key: str = "flops") -> dict:
+    """Among the servable rows within ``budget`` of ``key``, the one with the best measured score (the table's
+    ``score``: highest accuracy, or lowest perplexity), the costliest where none was measured; an EstaError naming
+    the cheapest cost when none fits. Rows marked ``servable: False`` (a language stitch screened out before
+    training) are never chosen."""
+    score = table.get("score", "accuracy")
+    higher = dict(SCORES.values()).get(score, True)
+    rows = [r for r in table["stitches"] if r.get("servable", True) and r.get(key) is not None]
     if not rows:
-        cheapest = min(r[key] for r in table["stitches"] if r.get(key) is not None)
-        raise EstaError(f"no stitch fits a budget of {budget:g} {key}: the cheapest costs {cheapest:g}")
-    return max(rows, key=lambda r: (r.get(score) is not None, r.get(score) or 0.0, r[key]))
+        raise EstaError(f"this palette's table has no {key} costs")
+    fits = [r for r in rows if r[key] <= budget]
+    if not fits:
+        raise EstaError(f"no stitch fits a budget of {budget:g} {key}: the cheapest costs "
+                        f"{min(r[key] for r in rows):g}")
+
+    def rank(r: dict) -> tuple:
+        v = r.get(score)
+        return (v is not None, (v if higher else -v) if v is not None else 0.0, r[key])
+
+    return max(fits, key=rank)
