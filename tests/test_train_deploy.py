@@ -114,3 +114,61 @@ def test_a_non_finite_loss_stops_training_with_one_clear_error(tmp_path, vit_fam
     with pytest.raises(EstaError, match=r"non-finite .* at step 1, stitch .*learning rate"):
         train(palette, data, [1.0] * len(palette), TrainConfig(steps=3, batch_size=8, lr=1e-3),
               loss_fn=lambda model, batch, s: model(batch[0], stitch=s).sum() * float("nan"), progress=False)
+
+
+def _one_step(palette, data, k: int, stitches: list[int]):
+    cfg = TrainConfig(steps=1, batch_size=16, lr=1e-2, warmup_steps=0, checkpoint_every=0, log_every=0,
+                      sampling=SamplingConfig(groups=1), stitches_per_step=k)
+    return train(palette, data, [1.0] * len(palette), cfg, progress=False, stitches=stitches)
+
+
+def test_k_stitches_per_step_on_one_stitch_is_the_plain_step(vit_family):
+    """Two halves of a batch, each its own backward of loss/2, give the full batch's mean gradient."""
+    import copy
+
+    data = toy_task(n=16)
+    palette, _ = build(vit_family, data)
+    twin = copy.deepcopy(palette)
+    anchor = palette.space.anchor_ids()[1]
+    one, two = _one_step(palette, data, 1, [anchor]), _one_step(twin, data, 2, [anchor])
+    assert one.updates[anchor] == 1 and two.updates[anchor] == 2
+    moved = 0
+    for (name, p), q in zip(palette.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5, msg=name)
+        moved += p.requires_grad
+    assert moved
+
+
+def test_each_stitch_of_a_step_is_scored_on_its_own_part_only(vit_family):
+    """With K=2 on one stitch, its importance is beta*Q1 + (1-beta)*Q2, each Q the SNIP score of that half's own
+    loss: the first half's gradient is held aside while the second is scored."""
+    import copy
+
+    from torch.utils.data import DataLoader
+
+    from esta.importance import snip_score
+    from esta.train import ResumableBatches, _split
+
+    data = toy_task(n=16)
+    palette, _ = build(vit_family, data)
+    anchor = palette.space.anchor_ids()[0]
+    before = copy.deepcopy(palette).train()
+    images, labels = next(iter(DataLoader(data, batch_sampler=ResumableBatches(16, 16, 1, 0))))
+    params = before.path_parameters(anchor)
+    q = []
+    for part in _split((images, labels), 2):
+        before.zero_grad(set_to_none=True)
+        classification_loss(before, part, anchor).backward()
+        q.append(snip_score(params, per_parameter=True))  # the default score: per parameter
+    assert q[0] != pytest.approx(q[1])
+    result = _one_step(palette, data, 2, [anchor])
+    beta = SamplingConfig().beta
+    assert result.importance[anchor] == pytest.approx(beta * q[0] + (1 - beta) * q[1], rel=1e-4)
+
+
+def test_stitches_per_step_must_fit_the_batch():
+    from esta.errors import EstaError
+
+    for k in (0, 17):
+        with pytest.raises(EstaError, match="stitches per step"):
+            TrainConfig(batch_size=16, stitches_per_step=k).check()

@@ -104,13 +104,15 @@ def _adapt_config(args: argparse.Namespace, **overrides):
                             f"causal language model")
         train_cfg = replace(base.train, sampling=sampling, **given(
             steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-            checkpoint_every=args.checkpoint_every, score_init_batch=args.score_init_batch))
+            checkpoint_every=args.checkpoint_every, score_init_batch=args.score_init_batch,
+            stitches_per_step=args.stitches_per_step))
         cfg = dict(common, train=train_cfg, **given(heldout_examples=args.eval_examples or None))
     else:
         lr = args.lr if args.lr is not None else get_method(args.method).lr
         train_cfg = TrainConfig(epochs=args.epochs, steps=args.steps, lr=lr, sampling=sampling, **given(
             batch_size=args.batch_size, seed=args.seed, checkpoint_every=args.checkpoint_every,
-            score_init_batch=args.score_init_batch, head_lr_scale=args.head_lr_scale))
+            score_init_batch=args.score_init_batch, head_lr_scale=args.head_lr_scale,
+            stitches_per_step=args.stitches_per_step))
         cfg = dict(common, train=train_cfg, sweep=not args.no_sweep, validation_sweep=args.validation_sweep,
                    strict=args.strict, **given(head_init=args.head_init, stitch_cls_weight=args.stitch_cls_weight))
         if args.eval_examples is not None:  # 0: the whole test split
@@ -353,7 +355,8 @@ def cmd_lm_train(args: argparse.Namespace) -> int:
     # unset flags (None) keep LMAdaptConfig's defaults: the config is the one place they are written
     base = LMAdaptConfig()
     train = replace(base.train, **given(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                                        checkpoint_every=args.checkpoint_every, seed=args.seed))
+                                        checkpoint_every=args.checkpoint_every, seed=args.seed,
+                                        stitches_per_step=args.stitches_per_step))
     if args.groups is not None:
         train = replace(train, sampling=replace(train.sampling, groups=args.groups))
     anchors = args.anchors or [str(p) for p in qwen_coder_pair()]
@@ -455,6 +458,8 @@ def _train_args(p: argparse.ArgumentParser, out: str, epochs: float, compare: st
                    help="importance: |theta*grad| summed over the path, or per parameter")
     p.add_argument("--score-init-batch", action=argparse.BooleanOptionalAction, default=None,
                    help="score every stitch on one batch before training")
+    p.add_argument("--stitches-per-step", type=int, default=None,
+                   help="stitches trained per step, each on 1/K of the batch (default 1, the paper's)")
     p.add_argument("--head-init", choices=["probe", "random"], default=None,
                    help="new task heads start as linear probes of frozen features, or random")
     p.add_argument("--calibration-examples", type=int, default=None,
@@ -568,6 +573,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mc-examples", type=int, default=None,
                    help="examples per multiple-choice task (default 40; 0 = none)")
     p.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints (default 50)")
+    p.add_argument("--stitches-per-step", type=int, default=None,
+                   help="stitches trained per step, each on 1/K of the batch (default 1, the paper's)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace the run already in OUT, whole")
