@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .budget import CostAxis, check_budgets
 from .errors import EstaError
 from .families.base import Anchor
 from .files import atomic_write, write_json
@@ -28,6 +29,8 @@ from .space import Stitch
 FORMAT = "esta-stitch"
 CONFIG_NAME = "esta_stitch.json"
 WEIGHTS_NAME = "model.safetensors"
+#: costs as they come (choose() is given raw counts of whatever axis the caller budgets on)
+RAW = CostAxis("cost", 1.0, "")
 
 
 @dataclass
@@ -57,7 +60,7 @@ def choose(groups: list[list[int]], costs: list[float], score: dict[int, float] 
     if budgets is None:
         budgets = [max(costs[s] for s in g) for g in groups]
     else:
-        check_budgets(budgets, [costs[s] for s in everything])
+        check_budgets(budgets, [costs[s] for s in everything], RAW)
     out = []
     for b in budgets:
         if within == "group":
@@ -66,15 +69,6 @@ def choose(groups: list[list[int]], costs: list[float], score: dict[int, float] 
             members = [s for s in everything if costs[s] <= b]
         out.append(Choice(float(b), best(members), members))
     return out
-
-
-def check_budgets(budgets: list[float], costs: list[float], unit: float = 1.0, name: str = "") -> None:
-    """Refuse a budget below the cheapest stitch (in ``costs / unit`` units, e.g. GFLOPs) before any work."""
-    cheapest = min(costs) / unit
-    for b in budgets:
-        if b / unit < cheapest:
-            raise EstaError(f"budget {b / unit:g}{name} is below the cheapest stitch ({cheapest:.4g}{name}): "
-                            "no stitch fits it")
 
 
 def _anchor_class(family: str) -> type[Anchor]:

@@ -40,14 +40,10 @@ METRICS = {m.name: m for m in (ACCURACY, PERPLEXITY)}
 def largest_fall(values: list[float | None], m: Metric) -> float:
     """Over ``values`` ordered by cost, the largest amount (display units) by which one is worse than a cheaper
     one (unmeasured values skipped): 0 when the curve never gets worse with budget."""
-    worst, best = 0.0, None
-    for v in values:
-        if v is None:
-            continue
-        if best is not None:
-            worst = max(worst, m.gain(best, v))
-        best = v if best is None else m.best([best, v])
-    return worst
+    from .evaluate import largest_drop  # evaluate imports torch; results is read by light tools too
+
+    signed = [None if v is None else v if m.higher_is_better else -v for v in values]
+    return m.scale * largest_drop(signed)
 
 
 @dataclass
