@@ -9,7 +9,8 @@ over the palette's costs), and reports:
 - throughput and p50 / p99 latency per budget, and errors (any non-200 answer);
 - whether every answer equals the chosen stitch's offline answer (the palette loaded here, same image);
 - served throughput against the same stitches run in-process on the same images at the same batch size (1), one
-  after the other (the goal: >= 0.8x);
+  after the other, in ``--rounds`` interleaved rounds (in-process, then served; the median of the rounds' ratios:
+  this machine's speed drifts by 10-20 % over a minute, more than the difference being measured) (goal: >= 0.8x);
 - the cost of switching stitch: sequential requests alternating between two budgets against the same requests with
   a fixed budget, both through the server and in-process, in interleaved rounds (medians; the goal: <= 1.05x).
 
@@ -105,9 +106,12 @@ def main() -> None:
     ap.add_argument("--budgets", default="", help="comma-separated, e.g. 0.05GFLOPs,0.2GFLOPs (default: four "
                     "spread over the palette's costs)")
     ap.add_argument("--images", type=int, default=64, help="distinct images the requests cycle over")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved in-process / served rounds of --requests each")
     ap.add_argument("--switch-rounds", type=int, default=5, help="rounds of the fixed / alternating comparison")
     ap.add_argument("--json", default=None, help="also write the numbers here")
     args = ap.parse_args()
+    if min(args.requests, args.concurrency, args.rounds, args.switch_rounds, args.images) < 1:
+        raise SystemExit("--requests, --concurrency, --rounds, --switch-rounds and --images must be at least 1")
     torch.set_num_threads(args.threads)
 
     palette, table = load_palette(args.palette)
@@ -123,14 +127,17 @@ def main() -> None:
     bodies = [png(x) for x in images]
     plan = [(budgets[i % len(budgets)], i % args.images) for i in range(args.requests)]
 
-    # the offline answers (and the in-process throughput, at batch 1, the same request sequence)
-    with torch.no_grad():
+    with torch.no_grad():  # the offline answers
         offline = {(b, k): palette(images[k:k + 1], stitch=chosen[b]).softmax(-1)[0]
                    for b in budgets for k in range(args.images)}
+
+    def in_process() -> float:
+        """Seconds for the request sequence run here, one after the other, at batch 1."""
         t0 = time.perf_counter()
-        for b, k in plan:
-            palette(images[k:k + 1], stitch=chosen[b]).softmax(-1)
-        in_process_s = time.perf_counter() - t0
+        with torch.no_grad():
+            for b, k in plan:
+                palette(images[k:k + 1], stitch=chosen[b]).softmax(-1)
+        return time.perf_counter() - t0
 
     port = free_port()
     server = start_server(args.palette, port, args.threads)
@@ -142,13 +149,17 @@ def main() -> None:
             status, answer, dt = client.post(item[0], bodies[item[1]])
             return item[0], status, answer, dt
 
-        t0 = time.perf_counter()
-        with ThreadPoolExecutor(args.concurrency) as pool:
-            answers = list(pool.map(one, plan))  # counted here, not in the threads (no shared counters)
-        served_s = time.perf_counter() - t0
+        answers, in_process_s, served_s = [], [], []
+        for _ in range(args.rounds):  # side by side: each round times both, so drift hits both alike
+            time.sleep(0.5)  # the server's threads spin down before the cores are timed here
+            in_process_s.append(in_process())
+            t0 = time.perf_counter()
+            with ThreadPoolExecutor(args.concurrency) as pool:
+                answers += list(pool.map(one, plan))  # counted after, not in the threads (no shared counters)
+            served_s.append(time.perf_counter() - t0)
         latencies: dict[str, list[float]] = {b: [] for b in budgets}
         errors, mismatches = [], 0
-        for (b, k), (_, status, answer, dt) in zip(plan, answers):
+        for (b, k), (_, status, answer, dt) in zip(plan * args.rounds, answers):
             if status != 200:
                 errors.append((status, answer))
                 continue
@@ -181,6 +192,9 @@ def main() -> None:
                 for i in range(2 * n):
                     b = (lo, hi)[i % 2]
                     timed[("alternating", where, b)].append(call(b, i % args.images))
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("GET", "/health")
+        batched = json.loads(conn.getresponse().read()).get("batched")
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -190,10 +204,12 @@ def main() -> None:
                 "p99_ms": 1e3 * pct(latencies[b], 0.99)} for b in budgets}
     report = {
         "requests": args.requests, "concurrency": args.concurrency, "threads": args.threads,
-        "errors": len(errors), "answers_differing_from_offline": mismatches,
-        "served_requests_per_s": args.requests / served_s,
-        "in_process_requests_per_s": args.requests / in_process_s,
-        "served_vs_in_process_throughput": in_process_s / served_s,
+        "rounds": args.rounds, "errors": len(errors), "answers_differing_from_offline": mismatches,
+        "served_requests_per_s": args.requests / statistics.median(served_s),
+        "in_process_requests_per_s": args.requests / statistics.median(in_process_s),
+        "served_vs_in_process_per_round": [i / s for i, s in zip(in_process_s, served_s)],
+        "served_vs_in_process_throughput": statistics.median(i / s for i, s in zip(in_process_s, served_s)),
+        "server_batching": batched,  # requests and forwards over the whole run (warm-up and switching included)
         "per_budget": rows,
         "switch": {"budgets": [lo, hi], "rounds": args.switch_rounds, "requests_per_budget_per_round": n},
     }
@@ -204,10 +220,14 @@ def main() -> None:
             **{f"{side}_ms_{b}": v for (side, b), v in med.items()},
             # the sum of the two budgets' medians: alternating over fixed
             "ratio": (med[("alternating", lo)] + med[("alternating", hi)]) / (med[("fixed", lo)] + med[("fixed", hi)])}
-    print(f"{args.requests} requests, {args.concurrency} concurrent, {args.threads} torch threads: "
-          f"{report['served_requests_per_s']:.1f} req/s served, {report['in_process_requests_per_s']:.1f} req/s "
-          f"in-process (served/in-process {report['served_vs_in_process_throughput']:.2f}x); errors {len(errors)}; "
-          f"answers differing from offline {mismatches}")
+    rounds = ", ".join(f"{r:.2f}" for r in report["served_vs_in_process_per_round"])
+    print(f"{args.rounds} rounds of {args.requests} requests, {args.concurrency} concurrent, {args.threads} torch "
+          f"threads: {report['served_requests_per_s']:.1f} req/s served, {report['in_process_requests_per_s']:.1f} "
+          f"req/s in-process (medians); served/in-process {report['served_vs_in_process_throughput']:.2f}x (median of "
+          f"rounds {rounds}); errors {len(errors)} of {len(answers)}; answers differing from offline {mismatches}")
+    if batched and batched["forwards"]:
+        print(f"the server ran {batched['requests']} requests in {batched['forwards']} forwards (dynamic batching: "
+              f"{batched['requests'] / batched['forwards']:.2f} requests per forward on average)")
     print("| budget | stitch | requests | p50 ms | p99 ms |\n|---|---|---|---|---|")
     for b, r in rows.items():
         print(f"| {b} | {r['stitch']} | {r['requests']} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} |")

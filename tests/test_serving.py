@@ -124,3 +124,40 @@ def test_a_run_deploys_for_a_latency_budget(run, tmp_path):
     assert r.returncode != 0 and "below the cheapest" in r.stderr
     r = esta("deploy", "--run", str(run), "--budgets", "10ms,0.1GFLOPs", "--out", str(tmp_path / "dep3"))
     assert r.returncode != 0 and "one unit" in r.stderr
+
+
+def test_requests_waiting_together_run_as_one_batch_per_stitch_with_the_same_answers(run):
+    """The server's dynamic batching: concurrent requests for one stitch share a forward, each gets its own row,
+    equal to its own batch-of-one forward; a failing forward fails every request that waited on it."""
+    import asyncio
+    import threading
+
+    from esta.serve import _Batcher
+
+    served, table = load_palette(run / "palette")
+    calls = []
+
+    def forward(stitch, x):
+        calls.append((stitch, x.shape[0]))
+        if stitch == -1:
+            raise RuntimeError("broken stitch")
+        return served(x, stitch=stitch).softmax(-1)
+
+    batcher = _Batcher(forward, threading.Lock(), max_batch=4)
+    images = torch.randint(0, 256, (7, 1, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    plan = [0, 0, 5, 0, 5, 0, 0]  # five requests for stitch 0 (batches of at most 4), two for stitch 5
+
+    async def main():
+        return await asyncio.gather(*(batcher.submit(s, x) for s, x in zip(plan, images)))
+
+    answers = asyncio.run(main())
+    assert sorted(calls) == [(0, 1), (0, 4), (5, 2)]
+    assert (batcher.requests, batcher.forwards) == (7, 3)
+    with torch.no_grad():
+        for s, x, got in zip(plan, images, answers):
+            torch.testing.assert_close(got, served(x, stitch=s).softmax(-1)[0], atol=1e-6, rtol=1e-5)
+
+    async def broken():
+        return await asyncio.gather(*(batcher.submit(-1, x) for x in images[:2]), return_exceptions=True)
+
+    assert all(isinstance(e, RuntimeError) for e in asyncio.run(broken()))

@@ -40,7 +40,8 @@ METRICS = {m.name: m for m in (ACCURACY, PERPLEXITY)}
 def largest_fall(values: list[float | None], m: Metric) -> float:
     """Over ``values`` ordered by cost, the largest amount (display units) by which one is worse than a cheaper
     one (unmeasured values skipped): 0 when the curve never gets worse with budget."""
-    from .evaluate import largest_drop  # evaluate imports torch; results is read by light tools too
+    # imported here: evaluate imports torch, and results is read by light tools too
+    from .evaluate import largest_drop
 
     signed = [None if v is None else v if m.higher_is_better else -v for v in values]
     return m.scale * largest_drop(signed)
