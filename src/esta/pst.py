@@ -119,8 +119,11 @@ class StitchLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         own = self.own_bias(self.active.id)
         if self.lora_folded:  # a served palette: the shared update is in the weight, only the stitch's bias differs
-            y = self.base(x)
-            return y if own is None else y + own.to(y.dtype)
+            bias = self.base.bias
+            if own is not None:  # folded into the layer's bias: a vector add, not a pass over every token
+                own = own.to(self.base.weight.dtype)
+                bias = own if bias is None else bias + own
+            return F.linear(x, self.base.weight, bias)
         if x.dtype != self.lora_A.dtype:  # bf16/fp16 frozen weights, float32 adapters (LLMs)
             y = self.base(x)
             delta = (x.to(self.lora_A.dtype) @ self.lora_A.t() @ self.lora_B.t()) * self.scaling
