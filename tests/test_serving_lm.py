@@ -162,6 +162,38 @@ def test_a_screened_stitch_stays_in_the_file_but_is_never_served(lm_run, tmp_pat
     assert r.status_code == 422 and "no stitch fits" in r.json()["detail"]
 
 
-def test_profiling_a_language_palette_is_refused_in_one_line(lm_run):
-    r = esta("profile", "--palette", str(lm_run / "palette"), "--no-progress")
-    assert r.returncode != 0 and "image palettes only" in r.stderr and "Traceback" not in r.stderr
+def test_a_language_palette_profiled_per_token_answers_millisecond_budgets(lm_run, tmp_path):
+    import shutil
+
+    from fastapi.testclient import TestClient
+
+    from esta.serve import create_app
+
+    folder = tmp_path / "palette"
+    shutil.copytree(lm_run / "palette", folder)
+    client = TestClient(create_app(folder))
+    r = client.post("/generate?budget=50ms", json={"prompt": "w1"})
+    assert r.status_code == 422 and "esta profile" in r.json()["detail"]  # not measured yet: said, not guessed
+
+    p = esta("profile", "--palette", str(folder), "--repeats", "3", "--warmup", "1", "--threads", "1",
+             "--prompt-tokens", "16", "--no-progress")
+    assert p.returncode == 0, p.stderr
+    assert "per generated token" in p.stdout
+    table = json.loads((folder / "palette.json").read_text())
+    assert all(row["latency_ms"] > 0 for row in table["stitches"])
+    assert table["latency"]["unit"] == "ms per generated token" and table["latency"]["prompt_tokens"] == 16
+    client = TestClient(create_app(folder))
+    slowest = max(row["latency_ms"] for row in table["stitches"])
+    body = client.post(f"/generate?budget={slowest + 1:.3f}ms", json={"prompt": "w1", "max_new_tokens": 2}).json()
+    assert body["stitch_id"] == best_within(table, slowest + 1, key="latency_ms")["id"]
+    fastest = min(row["latency_ms"] for row in table["stitches"])
+    r = client.post(f"/generate?budget={fastest / 2:.6f}ms", json={"prompt": "w1"})
+    assert r.status_code == 422 and "no stitch fits" in r.json()["detail"]
+
+
+def test_a_language_run_deploys_for_a_millisecond_budget(lm_run, tmp_path):
+    r = esta("deploy", "--run", str(lm_run), "--budgets", "10s", "--out", str(tmp_path / "dep"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "ms" in r.stdout and (tmp_path / "dep" / "budget00").is_dir()
+    r = esta("deploy", "--run", str(lm_run), "--budgets", "1us", "--out", str(tmp_path / "dep2"))
+    assert r.returncode != 0 and "below the cheapest" in r.stderr and "Traceback" not in r.stderr

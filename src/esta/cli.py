@@ -239,12 +239,13 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from .profile import profile_palette
 
     table = profile_palette(args.palette, batch_size=args.batch_size, threads=args.threads, warmup=args.warmup,
-                            repeats=args.repeats, progress=not args.no_progress)
-    rows = sorted(table["stitches"], key=lambda r: r["latency_ms"])
+                            repeats=args.repeats, progress=not args.no_progress,
+                            **given(prompt_tokens=args.prompt_tokens))
+    rows = sorted((r for r in table["stitches"] if r["latency_ms"] is not None), key=lambda r: r["latency_ms"])
     lat = table["latency"]
     print(f"{len(rows)} stitches at batch {lat['batch_size']}, {lat['threads']} threads ({lat['processor']}): "
           f"{rows[0]['latency_ms']:.2f} ms ({rows[0]['name']}) to {rows[-1]['latency_ms']:.2f} ms "
-          f"({rows[-1]['name']}); written to {Path(args.palette) / 'palette.json'}")
+          f"({rows[-1]['name']}), {lat['unit']}; written to {Path(args.palette) / 'palette.json'}")
     return 0
 
 
@@ -618,6 +619,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     p.add_argument("--warmup", type=int, default=3, help="untimed forwards per stitch first")
     p.add_argument("--repeats", type=int, default=20, help="timed forwards per stitch (the median is kept)")
+    p.add_argument("--prompt-tokens", type=int, default=None,
+                   help="language palettes: the prompt's length before the timed one-token decode steps (64)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_profile)
 

@@ -5,6 +5,10 @@ stitch from one set of weights, so profiling it measures exactly what ``esta ser
 ``warmup`` untimed forwards, then the median of ``repeats`` timed ones, at a given batch size and thread count.
 The table then answers budgets in milliseconds (``esta serve`` requests with ``budget=12ms``,
 ``serving.best_within(table, 12, key="latency_ms")``).
+
+A language stitch has no single forward time (it grows with the text and its cache), so its latency is what a
+user of a text generator feels: **milliseconds per generated token**, the median of cached one-token decode steps
+after a prompt of ``prompt_tokens`` random tokens (prefill untimed), as ``/generate`` runs them.
 """
 
 from __future__ import annotations
@@ -39,52 +43,92 @@ def stitch_latency_ms(palette: Palette, inputs: torch.Tensor, stitch: int, warmu
 
 def image_input(palette: Palette, batch_size: int = 1) -> torch.Tensor:
     front = palette.anchors[0]
-    if front.family != "vision":
-        raise EstaError("latency is measured for image palettes only for now (a language stitch's latency depends "
-                        "on the length of its text)")
     return torch.rand(batch_size, front.num_channels, front.image_size, front.image_size)
 
 
+#: a language stitch's latency is timed after a prompt of this many tokens (or fewer where the context is short)
+PROMPT_TOKENS = 64
+
+
+def decode_latency_ms(palette: Palette, stitch: int, batch_size: int = 1, prompt_tokens: int = PROMPT_TOKENS,
+                      warmup: int = 3, repeats: int = 20) -> float:
+    """Median milliseconds per generated token of a language stitch: ``warmup`` then ``repeats`` cached one-token
+    decode steps (greedy), after an untimed prefill of ``prompt_tokens`` random tokens."""
+    context = min(int(getattr(a.config, "max_position_embeddings", 0) or 2**31) for a in palette.anchors)
+    prompt_tokens = min(prompt_tokens, context - warmup - repeats)
+    if prompt_tokens < 1:
+        raise EstaError(f"the palette's context ({context} tokens) is too short for {warmup} + {repeats} timed steps")
+    ids = torch.randint(0, palette.anchors[0].vocab_size, (batch_size, prompt_tokens),
+                        generator=torch.Generator().manual_seed(0))
+    caches: dict = {}
+
+    def step(x: torch.Tensor, seen: int) -> torch.Tensor:
+        mask = torch.ones(batch_size, seen, dtype=torch.long)
+        return palette({"input_ids": x, "attention_mask": mask, "caches": caches}, stitch=stitch)
+
+    times = []
+    with torch.inference_mode():
+        logits, seen = step(ids, prompt_tokens), prompt_tokens
+        for i in range(warmup + repeats):
+            nxt, seen = logits[:, -1:].argmax(-1), seen + 1
+            t0 = time.perf_counter()
+            logits = step(nxt, seen)
+            if i >= warmup:
+                times.append(1e3 * (time.perf_counter() - t0))
+    return statistics.median(times)
+
+
+def _latency(palette: Palette, batch_size: int, warmup: int, repeats: int, prompt_tokens: int):
+    """``stitch -> milliseconds``, as the palette's family measures it (per image forward, or per token)."""
+    if palette.anchors[0].family == "vision":
+        inputs = image_input(palette, batch_size)
+        return lambda s: stitch_latency_ms(palette, inputs, s, warmup, repeats)
+    return lambda s: decode_latency_ms(palette, s, batch_size, prompt_tokens, warmup, repeats)
+
+
 def palette_latencies(palette: Palette, stitches: list[int], batch_size: int = 1, warmup: int = 3,
-                      repeats: int = 20, progress: bool = False) -> dict[int, float]:
-    """Milliseconds per forward of each of ``stitches`` as a deployed network runs it: measured on a copy of the
-    palette with the shared low-rank updates folded into the weights (a deployed stitch has no LoRA branch)."""
+                      repeats: int = 20, progress: bool = False,
+                      prompt_tokens: int = PROMPT_TOKENS) -> dict[int, float]:
+    """Milliseconds of each of ``stitches`` (per forward, or per generated token for a language palette) as a
+    deployed network runs it: measured on a copy of the palette with the shared low-rank updates folded into the
+    weights (a deployed stitch has no LoRA branch)."""
     import copy
 
     from .serving import fold_palette_
 
     served = fold_palette_(copy.deepcopy(palette).eval())
-    inputs = image_input(served, batch_size)
-    return {s: stitch_latency_ms(served, inputs, s, warmup, repeats)
-            for s in tqdm(stitches, desc="timing stitches", disable=not progress, leave=False)}
+    timer = _latency(served, batch_size, warmup, repeats, prompt_tokens)
+    return {s: timer(s) for s in tqdm(stitches, desc="timing stitches", disable=not progress, leave=False)}
 
 
 def profile_palette(folder: str | Path, batch_size: int = 1, threads: int | None = None, warmup: int = 3,
-                    repeats: int = 20, progress: bool = True) -> dict:
-    """Measure every stitch of the saved palette in ``folder`` and write ``latency_ms`` into each row of its table,
-    with how it was measured (batch size, threads, repeats, the machine) under ``latency``."""
-    for name, v in (("batch size", batch_size), ("repeats", repeats)):
+                    repeats: int = 20, progress: bool = True, prompt_tokens: int = PROMPT_TOKENS) -> dict:
+    """Measure every servable stitch of the saved palette in ``folder`` and write ``latency_ms`` into each row of
+    its table (per image forward; for a language palette, per generated token after ``prompt_tokens``), with how it
+    was measured (batch size, threads, repeats, unit, the machine) under ``latency``."""
+    for name, v in (("batch size", batch_size), ("repeats", repeats), ("prompt tokens", prompt_tokens)):
         if v < 1:
             raise EstaError(f"{name} must be at least 1, got {v}")
     if warmup < 0 or (threads is not None and threads < 1):
         raise EstaError(f"warm-up must be >= 0 and threads >= 1, got {warmup} and {threads}")
     palette, table = load_palette(folder)
-    if palette.anchors[0].family != "vision":
-        # a forward's time grows with the text's length and the cache: one number per stitch would mislead
-        raise EstaError(f"{folder} is a {palette.anchors[0].family} palette: esta profile measures image palettes "
-                        "only; budget language palettes by parameters")
+    language = palette.anchors[0].family != "vision"
     before = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
-        inputs = image_input(palette, batch_size)
+        timer = _latency(palette, batch_size, warmup, repeats, prompt_tokens)
         rows = table["stitches"]
         for row in tqdm(rows, desc="profiling stitches", disable=not progress, leave=False):
-            row["latency_ms"] = stitch_latency_ms(palette, inputs, int(row["id"]), warmup, repeats)
+            # a stitch screening dropped before training is never served: not timed
+            row["latency_ms"] = timer(int(row["id"])) if row.get("servable", True) else None
         env = environment()
         table["latency"] = {"batch_size": batch_size, "threads": torch.get_num_threads(), "warmup": warmup,
-                            "repeats": repeats, "statistic": "median", "processor": env["processor"],
-                            "gpu": env["gpu"], "torch": env["torch"], "esta": env["esta"]}
+                            "repeats": repeats, "statistic": "median",
+                            "unit": "ms per generated token" if language else "ms per forward",
+                            **({"prompt_tokens": prompt_tokens} if language else {}),
+                            "processor": env["processor"], "gpu": env["gpu"], "torch": env["torch"],
+                            "esta": env["esta"]}
     finally:
         torch.set_num_threads(before)
     write_json(Path(folder) / TABLE, table)
