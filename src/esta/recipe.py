@@ -185,16 +185,18 @@ def run(config: RecipeConfig) -> dict:
     from .tasks import task_class
 
     config.check()
+    # a config of no Task, or a method its Task cannot run, is refused before the output folder is touched
+    task = task_class(config)(config)
+    task.check_method(get_method(config.method))
     out = claim_for_all(config.out_dir, resume=config.resume, overwrite=config.overwrite)
     if config.resume and is_main_process():
         check_resumable(out, config)
     with main_log(out / "esta.log"):
-        return _run(config, task_class(config)(config), out)
+        return _run(config, task, out)
 
 
 def _run(config: RecipeConfig, task, out: Path) -> dict:
     method = get_method(config.method)
-    task.check_method(method)
     deploy_by = config.deploy_rule()
     torch.manual_seed(config.train.seed)
 
@@ -349,8 +351,7 @@ def compare_alone(results: dict, config: RecipeConfig, methods: list[str]) -> li
                             f"not {name!r}")
         ref = RunResults.from_json(run(replace(config, method=name, out_dir=str(out / "references" / name),
                                                budgets=None, resume=False, overwrite=True,
-                                               **({"validation_sweep": False} if hasattr(config, "validation_sweep")
-                                                  else {}))))  # part of this run
+                                               **task.reference_overrides)))
         results["references"] = [r for r in results.get("references", []) if r["method"] != name] + [
             {"method": name, "name": a.name, task.axis.key: a.cost, task.metric.name: a.value, "steps": a.updates}
             for a in ref.anchors if a.value is not None]

@@ -31,6 +31,9 @@ class Task:
     #: stitch that fits; "group": only the budget's group is compared
     validation_within: str = "budget"
     methods: tuple[str, ...] | None = None  # the methods it supports (None: all of ``methods.METHODS``)
+    #: config fields a reference run (``--compare``) sets: it is part of the palette's run and needs only its
+    #: anchors' scores, not this Task's optional extras
+    reference_overrides: dict = {}
 
     train_set: Any = None
     loss_fn: LossFn

@@ -71,6 +71,7 @@ class AdaptConfig(RecipeConfig):
 
 class ImageClassification(Task):
     kind, family, axis, metric = "image-classification", "vision", FLOPS, ACCURACY
+    reference_overrides = {"validation_sweep": False}
 
     def load_anchors(self, num_labels: int = 1) -> list:
         anchors = load_family(self.config.anchors, num_labels=num_labels)

@@ -103,6 +103,7 @@ class InstructionTuning(Task):
     def __init__(self, config: LMAdaptConfig) -> None:
         super().__init__(config)
         self.name = Path(config.data).name
+        self._val_batches: list | None = None
 
     def load_anchors(self, num_labels: int | None = None) -> list:
         from transformers import AutoTokenizer
@@ -172,13 +173,19 @@ class InstructionTuning(Task):
     def validation_scores(self, palette: Palette, groups: list[list[int]], progress: bool) -> dict[int, float]:
         """Minus the perplexity on the validation records, for the stitches of groups that have a choice."""
         t0 = time.perf_counter()
-        batches = text_batches(self.tokenizer, [record_text(r) for r in self.val], self.config.max_length)
+        batches = self._validation_batches()
         candidates = [s for g in groups if len(g) > 1 for s in g]  # a group of one has nothing to choose
         scores = {s: -perplexity(lambda x, s=s: palette(x, stitch=s), batches)["perplexity"]
                   for s in tqdm(candidates, desc="validating stitches", disable=not progress, leave=False)}
         log.info("validation perplexity of %d stitches on %d records: %.0f s", len(candidates), len(self.val),
                  time.perf_counter() - t0)
         return scores
+
+    def _validation_batches(self) -> list:
+        """The validation records as token batches, tokenised once (choosing stitches and reporting both read them)."""
+        if self._val_batches is None:
+            self._val_batches = text_batches(self.tokenizer, [record_text(r) for r in self.val], self.config.max_length)
+        return self._val_batches
 
     def deploy_meta(self, costs: list, result):
         return lambda c: {"budget_params": c.budget, "params": costs[c.stitch_id].params,
@@ -259,7 +266,7 @@ class InstructionTuning(Task):
         """Validation perplexity of the deployed stitches (those alone in their group were not scored yet)."""
         if not self.val:
             return {}
-        batches = text_batches(self.tokenizer, [record_text(r) for r in self.val], self.config.max_length)
+        batches = self._validation_batches()
         return {s: -scores[s] if s in scores else
                 perplexity(lambda x, s=s: palette(x, stitch=s), batches)["perplexity"] for s in stitches}
 
