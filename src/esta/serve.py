@@ -10,8 +10,9 @@ choosing another stitch of the loaded palette: nothing is reloaded.
   stitch and its prediction. Budgets in milliseconds need a profiled palette (``esta profile``). Requests for the
   same stitch that arrive together run as one batch (dynamic batching; ``/health`` counts requests and forwards).
 - A language palette: ``POST /generate?budget=1.2B`` (or ``budget=300M``; a bare number, or ``budget_mparams=300``,
-  is millions of parameters; ``budget=20ms`` is per generated token, after ``esta profile``) with a JSON body ``{"prompt": ..., "max_new_tokens": 64, "temperature": 0,
-  "top_p": 1, "seed": null, "chat": true, "stream": false}``. ``chat`` wraps the prompt in the tokenizer's chat
+  is millions of parameters; ``budget=20ms`` is per generated token, after ``esta profile``) with a JSON body
+  ``{"prompt": ..., "max_new_tokens": 64, "temperature": 0, "top_p": 1, "seed": null, "chat": true,
+  "stream": false}``. ``chat`` wraps the prompt in the tokenizer's chat
   template (the Alpaca template where it has none); ``stream`` answers with server-sent events, one
   ``data: {"text": ...}`` per piece of text, then ``data: {"done": true, ...}``.
 

@@ -311,10 +311,11 @@ def train(palette: Palette, train_set: Dataset, costs: list[float], config: Trai
 
         ema = loss_value if ema is None else 0.95 * ema + 0.05 * loss_value
         bar.update(1)
-        bar.set_postfix(loss=f"{ema:.3f}", stitch=picked[0] if k == 1 else picked, lr=f"{scheduler.get_last_lr()[0]:.1e}")
+        shown = picked[0] if k == 1 else picked  # one stitch id, as before K existed, or the step's K
+        bar.set_postfix(loss=f"{ema:.3f}", stitch=shown, lr=f"{scheduler.get_last_lr()[0]:.1e}")
         done = step + 1
         if config.log_every and (done % config.log_every == 0 or done == total_steps):
-            history.write({"step": done, "stitch": picked[0] if k == 1 else picked, "loss": loss_value, "loss_ema": ema,
+            history.write({"step": done, "stitch": shown, "loss": loss_value, "loss_ema": ema,
                            "lr": scheduler.get_last_lr()[0],
                            "seconds": round(elapsed(), 3)})
         if ckpt_dir is not None and accelerator.is_main_process and (
