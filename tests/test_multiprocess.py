@@ -7,19 +7,24 @@ import sys
 from pathlib import Path
 
 import mp_worker
+import pytest
 import torch
 from safetensors.torch import load_file
 
 TESTS = Path(__file__).resolve().parent
 
 
-def test_two_processes_train_like_one(vit_family, tmp_path):
+@pytest.mark.parametrize("k, port", [(1, 29517), (2, 29519)])
+def test_two_processes_train_like_one(vit_family, tmp_path, k, port):
+    """With K stitches per step each process splits its shard into K parts; part j of every process together is
+    part j of the whole batch (shards interleave), so two processes train exactly like one, for K = 1 or 2."""
     (tmp_path / "mp").mkdir()
     (tmp_path / "sp").mkdir()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS.parent / "src"), str(TESTS)]),
            "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                        "--master_port", "29517", str(TESTS / "mp_worker.py"), *vit_family, str(tmp_path / "mp")],
+                        "--master_port", str(port), str(TESTS / "mp_worker.py"), *vit_family, str(k),
+                        str(tmp_path / "mp")],
                        capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     ranks = [json.loads((tmp_path / "mp" / f"rank{k}.json").read_text()) for k in (0, 1)]
@@ -27,14 +32,15 @@ def test_two_processes_train_like_one(vit_family, tmp_path):
     assert ranks[0]["seen"] == ranks[1]["seen"]  # every process ran the same stitch at every step
     assert ranks[0]["importance"] == ranks[1]["importance"]
     s0, s1 = (load_file(str(tmp_path / "mp" / f"state{k}.safetensors")) for k in (0, 1))
-    assert all(torch.equal(s0[k], s1[k]) for k in s0)
+    assert all(torch.equal(s0[name], s1[name]) for name in s0)
 
-    mp_worker.run(vit_family, tmp_path / "sp")  # one process, whole batches
+    mp_worker.run(vit_family, tmp_path / "sp", stitches_per_step=k)  # one process, whole batches
     single = json.loads((tmp_path / "sp" / "rank0.json").read_text())
     assert single["seen"] == ranks[0]["seen"]
     one = load_file(str(tmp_path / "sp" / "state0.safetensors"))
-    for k in one:  # averaging two half-batch gradients == one full-batch gradient
-        torch.testing.assert_close(s0[k], one[k], atol=1e-5, rtol=1e-4, msg=k)
+    assert single["importance"] == pytest.approx(ranks[0]["importance"], rel=1e-4, abs=1e-12)
+    for name in one:  # averaging two half-batch gradients == one full-batch gradient
+        torch.testing.assert_close(s0[name], one[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
 def _torchrun(args: list[str], port: int) -> subprocess.CompletedProcess:
