@@ -57,6 +57,12 @@ def generate(model: Model, input_ids: torch.Tensor, max_new_tokens: int = 64, **
     return torch.cat([input_ids, torch.stack(new, dim=1)], dim=1) if new else input_ids
 
 
+def context_length(anchors) -> int:
+    """The longest text a stitch of these causal-LM anchors can run: the shortest anchor context (a stitch runs
+    positions through parts of each)."""
+    return min(int(getattr(a.config, "max_position_embeddings", 0) or 2**31) for a in anchors)
+
+
 def chat_prompt_ids(tokenizer, messages: list[dict]) -> torch.Tensor:
     """Token ids of a conversation, ending where the assistant's reply starts (the chat template when there is one,
     the Alpaca template of ``instruct`` otherwise)."""

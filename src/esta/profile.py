@@ -52,29 +52,25 @@ PROMPT_TOKENS = 64
 
 def decode_latency_ms(palette: Palette, stitch: int, batch_size: int = 1, prompt_tokens: int = PROMPT_TOKENS,
                       warmup: int = 3, repeats: int = 20) -> float:
-    """Median milliseconds per generated token of a language stitch: ``warmup`` then ``repeats`` cached one-token
-    decode steps (greedy), after an untimed prefill of ``prompt_tokens`` random tokens."""
-    context = min(int(getattr(a.config, "max_position_embeddings", 0) or 2**31) for a in palette.anchors)
-    prompt_tokens = min(prompt_tokens, context - warmup - repeats)
+    """Median milliseconds per generated token of a language stitch: the time between tokens of the very loop
+    ``/generate`` runs (``generate.generate_ids``, greedy, KV cache), ``warmup`` untimed then ``repeats`` timed,
+    after an untimed prefill of ``prompt_tokens`` random tokens."""
+    from .generate import context_length, generate_ids
+
+    context = context_length(palette.anchors)
+    prompt_tokens = min(prompt_tokens, context - warmup - repeats - 1)
     if prompt_tokens < 1:
         raise EstaError(f"the palette's context ({context} tokens) is too short for {warmup} + {repeats} timed steps")
     ids = torch.randint(0, palette.anchors[0].vocab_size, (batch_size, prompt_tokens),
                         generator=torch.Generator().manual_seed(0))
-    caches: dict = {}
-
-    def step(x: torch.Tensor, seen: int) -> torch.Tensor:
-        mask = torch.ones(batch_size, seen, dtype=torch.long)
-        return palette({"input_ids": x, "attention_mask": mask, "caches": caches}, stitch=stitch)
-
-    times = []
-    with torch.inference_mode():
-        logits, seen = step(ids, prompt_tokens), prompt_tokens
-        for i in range(warmup + repeats):
-            nxt, seen = logits[:, -1:].argmax(-1), seen + 1
-            t0 = time.perf_counter()
-            logits = step(nxt, seen)
-            if i >= warmup:
-                times.append(1e3 * (time.perf_counter() - t0))
+    tokens = generate_ids(lambda x: palette(x, stitch=stitch), ids, 1 + warmup + repeats)
+    next(tokens)  # the prefill's token
+    times, t0 = [], time.perf_counter()
+    for i, _ in enumerate(tokens):  # each further token is one cached decode step
+        t1 = time.perf_counter()
+        if i >= warmup:
+            times.append(1e3 * (t1 - t0))
+        t0 = t1
     return statistics.median(times)
 
 

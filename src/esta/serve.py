@@ -12,9 +12,9 @@ choosing another stitch of the loaded palette: nothing is reloaded.
 - A language palette: ``POST /generate?budget=1.2B`` (or ``budget=300M``; a bare number, or ``budget_mparams=300``,
   is millions of parameters; ``budget=20ms`` is per generated token, after ``esta profile``) with a JSON body
   ``{"prompt": ..., "max_new_tokens": 64, "temperature": 0, "top_p": 1, "seed": null, "chat": true,
-  "stream": false}``. ``chat`` wraps the prompt in the tokenizer's chat
-  template (the Alpaca template where it has none); ``stream`` answers with server-sent events, one
-  ``data: {"text": ...}`` per piece of text, then ``data: {"done": true, ...}``.
+  "stream": false}``. ``chat`` wraps the prompt in the tokenizer's chat template (the Alpaca template where it has
+  none); ``stream`` answers with server-sent events, one ``data: {"text": ...}`` per piece of text, then
+  ``data: {"done": true, ...}``.
 
 Bad requests get a 4xx with a message: no stitch fits or a malformed request (422), not an image (400), a body
 over ``max_bytes`` (413).
@@ -174,7 +174,7 @@ def _text_routes(app, palette, table: dict, lock: threading.Lock, max_bytes: int
     from pydantic import BaseModel, ConfigDict, Field, ValidationError
     from transformers import AutoTokenizer
 
-    from .generate import chat_prompt_ids, stream_text
+    from .generate import chat_prompt_ids, context_length, stream_text
 
     class GenerateRequest(BaseModel):
         model_config = ConfigDict(extra="forbid")  # a misspelt option is an error, not a silent default
@@ -190,8 +190,7 @@ def _text_routes(app, palette, table: dict, lock: threading.Lock, max_bytes: int
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     except (OSError, ValueError) as e:
         raise EstaError(f"{folder} is a language palette without a readable tokenizer beside it ({e})") from e
-    # the shortest context among the anchors: a stitch runs positions through parts of each
-    context = min(int(getattr(a.config, "max_position_embeddings", 0) or 2**31) for a in palette.anchors)
+    context = context_length(palette.anchors)
 
     def request_of(body: bytes) -> GenerateRequest:
         try:

@@ -55,7 +55,7 @@ def save_palette(palette: Palette, folder: str | Path, *, space_args: dict, stit
     # An anchor rebuilt from its spec has a bias on every layer a stitch-specific bias may reach (Llama's q/k/v/o
     # carry none when pretrained): write zeros for the bias-less ones, so the file is complete either way.
     for name, m in palette.named_modules():
-        if isinstance(m, nn.Linear) and m.bias is None and not name.endswith(_LORA):
+        if isinstance(m, nn.Linear) and m.bias is None:
             state[f"{name}.bias"] = torch.zeros(m.out_features, dtype=m.weight.dtype)
     broken = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if broken:
