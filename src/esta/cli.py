@@ -50,7 +50,8 @@ def cmd_space(args: argparse.Namespace) -> int:
         depths = _ints(args.depths)
     else:
         raise EstaError("give --depths (e.g. 12,12,12) or --anchors")
-    space = build_space(depths, kernel=args.kernel, stride=args.stride, pairing=args.pairing, two_way=args.two_way)
+    space = build_space(depths, kernel=args.kernel, stride=args.stride, pairing=args.pairing, two_way=args.two_way,
+                        **given(stitch_layers=args.stitch_layers))
     if args.json:
         print(space.to_json(indent=None if args.compact else 1))
     else:
@@ -91,11 +92,14 @@ def _adapt_config(args: argparse.Namespace, **overrides):
                             stitch_lora_rank=args.stitch_lora_rank,
                             bias=args.bias,
                             lora_targets=tuple(args.lora_targets.split(",")) if args.lora_targets else None))
+    calibration = replace(base.calibration, **given(steps=args.calibrate_steps, lr=args.calibrate_lr,
+                                                    examples=args.calibrate_examples))
     common = dict(anchors=args.anchors, data=args.data, out_dir=args.out, method=args.method, kernel=args.kernel,
-                  stride=args.stride, pairing=args.pairing, two_way=args.two_way, pst=pst,
+                  stride=args.stride, pairing=args.pairing, two_way=args.two_way, pst=pst, calibration=calibration,
                   budgets=args.budgets.split(",") if args.budgets else None, resume=args.resume,
                   overwrite=args.overwrite, progress=not args.no_progress,
                   **given(deploy_by=args.deploy_by, calibration_examples=args.calibration_examples,
+                          stitch_layers=args.stitch_layers, stitch_offsets=args.stitch_offsets,
                           validation_examples=args.validation_examples))
     if task_cls.kind == "instruction-tuning":
         image_only = [flag for key, flag in _IMAGE_ONLY.items() if getattr(args, key, None) not in (None, False, "")]
@@ -105,14 +109,16 @@ def _adapt_config(args: argparse.Namespace, **overrides):
         train_cfg = replace(base.train, sampling=sampling, **given(
             steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
             checkpoint_every=args.checkpoint_every, score_init_batch=args.score_init_batch,
-            stitches_per_step=args.stitches_per_step))
+            stitches_per_step=args.stitches_per_step, distill=args.distill,
+            distill_temperature=args.distill_temperature))
         cfg = dict(common, train=train_cfg, **given(heldout_examples=args.eval_examples or None))
     else:
         lr = args.lr if args.lr is not None else get_method(args.method).lr
         train_cfg = TrainConfig(epochs=args.epochs, steps=args.steps, lr=lr, sampling=sampling, **given(
             batch_size=args.batch_size, seed=args.seed, checkpoint_every=args.checkpoint_every,
             score_init_batch=args.score_init_batch, head_lr_scale=args.head_lr_scale,
-            stitches_per_step=args.stitches_per_step))
+            stitches_per_step=args.stitches_per_step, distill=args.distill,
+            distill_temperature=args.distill_temperature))
         cfg = dict(common, train=train_cfg, sweep=not args.no_sweep, validation_sweep=args.validation_sweep,
                    strict=args.strict, **given(head_init=args.head_init, stitch_cls_weight=args.stitch_cls_weight))
         if args.eval_examples is not None:  # 0: the whole test split
@@ -143,6 +149,10 @@ def _print_summary(results: dict, out: str) -> None:
               f"({100 * s['mean_regret']:.2f} against the stitches the rule chose among); ", end="")
     print(f"Spearman(budget, accuracy) = {s['spearman_budget_accuracy']:.3f}; largest fall below a cheaper budget's "
           f"pick {100 * s['largest_drop']:.2f} points")
+    from .pairs import describe
+
+    for line in describe(results.get("pairs", [])):
+        print(line)
     print(f"wrote {out}/results.json, {out}/results.csv" + (f", {out}/pareto.png" if
           any(x["accuracy"] is not None for x in results["stitches"]) else "") + f", {out}/deployed/")
 
@@ -419,6 +429,8 @@ def _space_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pairing", choices=["nearest", "all"], default="nearest",
                    help="stitch neighbouring anchors only (default) or every pair")
     p.add_argument("--two-way", action="store_true", help="also stitch large -> small (SN-Netv2)")
+    p.add_argument("--stitch-layers", choices=["per-window", "per-cut"], default=None,
+                   help="one stitching layer per window, shared by its cuts (SN-Net), or one per cut (ours)")
 
 
 def _train_args(p: argparse.ArgumentParser, out: str, epochs: float, compare: str = "") -> None:
@@ -461,6 +473,16 @@ def _train_args(p: argparse.ArgumentParser, out: str, epochs: float, compare: st
                    help="score every stitch on one batch before training")
     p.add_argument("--stitches-per-step", type=int, default=None,
                    help="stitches trained per step, each on 1/K of the batch (default 1, the paper's)")
+    p.add_argument("--stitch-offsets", action=argparse.BooleanOptionalAction, default=None,
+                   help="stitching layers with an offset per token position (ViT; ours)")
+    p.add_argument("--distill", type=float, default=None,
+                   help="weight of in-place distillation from each stitch's end anchor in its loss, 0-1 (ours)")
+    p.add_argument("--distill-temperature", type=float, default=None, help="distillation temperature (default 1)")
+    p.add_argument("--calibrate-steps", type=int, default=None,
+                   help="end-anchor calibration: Adam steps per stitching layer after least squares (ours; 0: off)")
+    p.add_argument("--calibrate-lr", type=float, default=None, help="end-anchor calibration learning rate")
+    p.add_argument("--calibrate-examples", type=int, default=None,
+                   help="training examples (labels unused) the end-anchor calibration sees")
     p.add_argument("--head-init", choices=["probe", "random"], default=None,
                    help="new task heads start as linear probes of frozen features, or random")
     p.add_argument("--calibration-examples", type=int, default=None,

@@ -23,8 +23,9 @@ from .errors import EstaError
 from .families.base import Anchor
 from .files import atomic_write, write_json
 from .palette import Palette, run_stitch
-from .pst import plain_state_dict
+from .pst import StitchLinear, plain_state_dict
 from .space import Stitch
+from .stitching import StitchingLayer
 
 FORMAT = "esta-stitch"
 CONFIG_NAME = "esta_stitch.json"
@@ -122,7 +123,7 @@ def _part(src: Anchor, first: int, last: int, embed: bool, head: bool, stitch: i
 class DeployedStitch(nn.Module):
     """A stitch as a standalone network: ``model(inputs)`` gives what ``palette(inputs, stitch=id)`` gave."""
 
-    def __init__(self, stitch: Stitch, front: Anchor, end: Anchor | None, stitching: nn.Linear | None,
+    def __init__(self, stitch: Stitch, front: Anchor, end: Anchor | None, stitching: StitchingLayer | None,
                  meta: dict | None = None) -> None:
         super().__init__()
         self.stitch = stitch
@@ -144,7 +145,9 @@ class DeployedStitch(nn.Module):
         front = _part(fa, 0, s.front_last, True, False, stitch_id)
         end = _part(ea, s.end_first, ea.depth - 1, False, True, stitch_id)
         src = palette.stitching[s.layer]
-        layer = nn.Linear(src.in_features, src.out_features, dtype=weight_dtype(front))
+        base = src.base if isinstance(src, StitchLinear) else src
+        layer = StitchingLayer(src.in_features, src.out_features, getattr(base, "tokens", 0),
+                               dtype=weight_dtype(front))
         _load_plain(layer, src, stitch_id)
         return cls(s, front, end, layer.eval(), meta)
 
@@ -157,7 +160,10 @@ class DeployedStitch(nn.Module):
             "stitch": asdict(self.stitch),
             "front": self.front.spec(),
             "end": self.end.spec() if self.end is not None else None,
-            "stitching": [self.stitching.in_features, self.stitching.out_features] if self.stitching else None,
+            # [in, out] or, with per-position offsets, [in, out, positions]
+            "stitching": ([self.stitching.in_features, self.stitching.out_features]
+                          + ([self.stitching.tokens] if getattr(self.stitching, "tokens", 0) else [])
+                          if self.stitching else None),
             "dtype": str(weight_dtype(self)).removeprefix("torch."),
             "meta": self.meta,
         }
@@ -263,7 +269,7 @@ class DeployedStitch(nn.Module):
                 front = fcls.build_part(fspec, 0, s.front_last, True, False)
                 ecls = _anchor_class(espec["family"])
                 end = ecls.build_part(espec, s.end_first, _depth(espec) - 1, False, True)
-                layer = nn.Linear(*cfg["stitching"])
+                layer = StitchingLayer(*cfg["stitching"])
         return cls(s, front, end, layer, cfg.get("meta"))
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .distillation import distillation_term
 from .errors import EstaError
 
 log = logging.getLogger("esta.instruct")
@@ -117,11 +118,22 @@ def collate(batch: list[dict[str, list[int]]], pad_id: int = 0) -> dict[str, tor
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def lm_loss(model, batch: dict[str, torch.Tensor], stitch: int) -> torch.Tensor:
-    """Next-token cross-entropy on the labelled (response) tokens only: the trainer's ``loss_fn`` for LLMs."""
-    logits = model({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}, stitch=stitch)
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
-                           ignore_index=IGNORE)
+def lm_loss(model, batch: dict[str, torch.Tensor], stitch: int, teacher: int | None = None, distill: float = 0.0,
+            temperature: float = 1.0) -> torch.Tensor:
+    """Next-token cross-entropy on the labelled (response) tokens only: the trainer's ``loss_fn`` for LLMs. With a
+    ``teacher`` stitch (the end anchor), mixed with per-token distillation towards its next-token distributions on
+    the same (response) tokens."""
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    labels = batch["labels"][:, 1:]
+    target = None
+    if teacher is not None and distill:
+        with torch.no_grad():  # first: the forward of the student must be the last to select its stitch
+            target = model(inputs, stitch=teacher)[:, :-1][labels != IGNORE]
+    logits = model(inputs, stitch=stitch)
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE)
+    if target is None:
+        return loss
+    return (1 - distill) * loss + distill * distillation_term(logits[:, :-1][labels != IGNORE], target, temperature)
 
 
 def record_text(record: dict) -> str:

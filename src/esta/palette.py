@@ -35,20 +35,27 @@ def run_stitch(front: Anchor, end: Anchor, stitching: nn.Module | None, stitch: 
 
 
 class Palette(nn.Module):
-    """Anchors + stitching layers + the stitch space; ``palette(inputs, stitch=k)`` runs stitch ``k``."""
+    """Anchors + stitching layers + the stitch space; ``palette(inputs, stitch=k)`` runs stitch ``k``.
+
+    ``stitch_layers``: one stitching layer per window (SN-Net) or per cut (ours); ``stitch_offsets``: stitching layers
+    with an offset per token position, for families with fixed positions (ours; see ``esta.stitching``)."""
 
     def __init__(self, anchors: list[Anchor], space: StitchSpace | None = None, *, kernel: int = 2,
-                 stride: int = 1, pairing: str = "nearest", two_way: bool = False) -> None:
+                 stride: int = 1, pairing: str = "nearest", two_way: bool = False,
+                 stitch_layers: str = "per-window", stitch_offsets: bool = False) -> None:
         super().__init__()
         if len(anchors) < 2:
             raise EstaError(f"a palette needs two or more anchors, got {len(anchors)}")
         self.anchors = nn.ModuleList(anchors)
         depths = [a.depth for a in anchors]
-        self.space = space or build_space(depths, kernel=kernel, stride=stride, pairing=pairing, two_way=two_way)
+        self.space = space or build_space(depths, kernel=kernel, stride=stride, pairing=pairing, two_way=two_way,
+                                          stitch_layers=stitch_layers)
         if list(self.space.depths) != depths:
             raise EstaError(f"stitch space depths {list(self.space.depths)} do not match the anchors' {depths}")
         dtype = next(anchors[0].blocks.parameters()).dtype
-        self.stitching = make_stitching_layers(self.space, [a.width for a in anchors], dtype)
+        # an offset per token position (ours) only where every input has the same positions (ViT, not LLMs)
+        tokens = anchors[0].fixed_tokens if stitch_offsets else 0
+        self.stitching = make_stitching_layers(self.space, [a.width for a in anchors], dtype, tokens)
         self.stitching.requires_grad_(False)
         self.active = ActiveStitch()
         self.pst: PSTConfig | None = None
@@ -70,6 +77,11 @@ class Palette(nn.Module):
         hidden, masks = zip(*(a.hidden_states(inputs) for a in self.anchors))
         weights = [a.token_weights(h[0], summary_weight) for a, h in zip(self.anchors, hidden)]
         init_least_squares(self.stitching, self.space, list(hidden), list(masks), ridge, progress, weights)
+
+    def end_anchor_ids(self) -> list[int | None]:
+        """For every stitch, the stitch id of the anchor whose head it ends in (None for the anchors themselves)."""
+        anchor_of = {self.space[a].front: a for a in self.space.anchor_ids()}
+        return [None if s.is_anchor else anchor_of[s.end] for s in self.space.stitches]
 
     # -- which parameters a stitch runs through -----------------------------------------------------------------
     def uses_block(self, s: Stitch, anchor: int, block: int) -> bool:

@@ -123,7 +123,7 @@ class StitchLinear(nn.Module):
             if own is not None:  # folded into the layer's bias: a vector add, not a pass over every token
                 own = own.to(self.base.weight.dtype)
                 bias = own if bias is None else bias + own
-            return F.linear(x, self.base.weight, bias)
+            return self._offset(F.linear(x, self.base.weight, bias))
         if x.dtype != self.lora_A.dtype:  # bf16/fp16 frozen weights, float32 adapters (LLMs)
             y = self.base(x)
             delta = (x.to(self.lora_A.dtype) @ self.lora_A.t() @ self.lora_B.t()) * self.scaling
@@ -140,7 +140,12 @@ class StitchLinear(nn.Module):
         y = F.linear(x, self.base.weight, bias)
         flat = y.view(-1, y.shape[-1])
         flat.addmm_(F.linear(x, self.lora_A).view(-1, self.lora_A.shape[0]), (self.lora_B * self.scaling).t())
-        return y
+        return self._offset(y)
+
+    def _offset(self, y: torch.Tensor) -> torch.Tensor:
+        """A stitching layer's frozen per-position offset (``StitchingLayer``), where it has one."""
+        add = getattr(self.base, "add_offset", None)
+        return add(y) if add is not None else y
 
     @torch.no_grad()
     def fold_lora_(self) -> None:
@@ -187,6 +192,8 @@ def plain_state_dict(module: nn.Module, stitch: int) -> dict[str, torch.Tensor]:
         w, b = m.merged(stitch)
         out[f"{name}.weight" if name else "weight"] = w.detach().clone()
         out[f"{name}.bias" if name else "bias"] = b.detach().clone()
+        if getattr(m.base, "offset", None) is not None:  # a stitching layer's per-position offset, as it is
+            out[f"{name}.offset" if name else "offset"] = m.base.offset.detach().clone()
     inside = tuple(f"{n}." for n in wrapped if n) if "" not in wrapped else ("",)
     for key, value in module.state_dict().items():
         if not key.startswith(inside):

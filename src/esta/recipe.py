@@ -20,6 +20,7 @@ from typing import Any, Callable
 import torch
 
 from .budget import check_budgets, parse_budgets
+from .calibration import CalibrationConfig
 from .cost import count_costs
 from .deploy import CONFIG_NAME, Choice, DeployedStitch, choose
 from .errors import EstaError
@@ -57,6 +58,12 @@ class RecipeConfig:
     stride: int = 1
     pairing: str = "nearest"
     two_way: bool = False
+    #: "per-window": the cuts of a window share one stitching layer (SN-Net); "per-cut": one layer per cut (ours)
+    stitch_layers: str = "per-window"
+    #: stitching layers with an offset per token position where the family has fixed positions (ViT; ours)
+    stitch_offsets: bool = False
+    #: end-anchor calibration of the stitching layers after least squares (ours; steps=0: off)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     pst: PSTConfig = field(default_factory=PSTConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     #: in the Task's cost unit (GFLOPs for images, millions of parameters for LMs) or with a unit ("300M");
@@ -91,7 +98,8 @@ class RecipeConfig:
         sampling = lambda v: build(SamplingConfig, v, "train.sampling")  # noqa: E731
         train_cfg = lambda v: build(TrainConfig, v, "train", {"sampling": sampling})  # noqa: E731
         pst = lambda v: build(PSTConfig, v, "pst", make=PSTConfig.from_dict)  # noqa: E731
-        return build(cls, d, "", {"train": train_cfg, "pst": pst})
+        calibration = lambda v: build(CalibrationConfig, v, "calibration")  # noqa: E731
+        return build(cls, d, "", {"train": train_cfg, "pst": pst, "calibration": calibration})
 
     @classmethod
     def from_file(cls, path: str | Path) -> "RecipeConfig":
@@ -122,6 +130,9 @@ class RecipeConfig:
             parse_budgets(self.budgets, task_class(self).axis)  # refuses a malformed or non-positive budget
             if not self.budgets:
                 raise EstaError("budgets: give at least one, or none for one per budget group")
+        if self.stitch_layers not in ("per-window", "per-cut"):
+            raise EstaError(f"stitch_layers must be 'per-window' or 'per-cut', got {self.stitch_layers!r}")
+        self.calibration.check()
         self.pst.check()
         self.train.check()
 
@@ -205,7 +216,8 @@ def _run(config: RecipeConfig, task, out: Path) -> dict:
 
     # 2. the palette: stitching layers fitted by least squares, costs counted on the plain layers, then PST
     palette = Palette(task.anchors, kernel=config.kernel, stride=config.stride, pairing=config.pairing,
-                      two_way=config.two_way)
+                      two_way=config.two_way, stitch_layers=config.stitch_layers,
+                      stitch_offsets=config.stitch_offsets)
     task.fit_stitching(palette)
     costs = count_costs(palette, task.cost_input(), progress=config.progress)
     cost = task.axis.of(costs)

@@ -32,8 +32,10 @@ def write_results(results: dict, out_dir: Path) -> None:
 def pareto_plot(results: dict, path: Path, title: str = "") -> None:
     """Every stitch as a dot, anchors as stars, deployed stitches ringed and joined: accuracy vs GFLOPs."""
     stitches = [s for s in results["stitches"] if s.get("accuracy") is not None]
-    fig = Figure(figsize=(7, 4.5), dpi=120)
-    ax = fig.subplots()
+    curves = [p for p in results.get("pairs", []) if p["points"]]
+    fig = Figure(figsize=(12 if curves else 7, 4.5), dpi=120)
+    axes = fig.subplots(1, 2, gridspec_kw={"width_ratios": [7, 5]}) if curves else [fig.subplots()]
+    ax = axes[0]
     pairs = sorted({(s["front"], s["end"]) for s in stitches if not s["is_anchor"]})
     cmap = colormaps["tab10"]
     for k, (a, b) in enumerate(pairs):
@@ -66,12 +68,36 @@ def pareto_plot(results: dict, path: Path, title: str = "") -> None:
         ax.axvline(s["flops"] / 1e9, color="black", lw=0.6, ls=":", alpha=0.5)
     ax.set_xlabel("GFLOPs per image")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title(title or "accuracy vs cost")
+    ax.set_title(title or "accuracy vs cost", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
+    if curves:
+        pair_plot(axes[1], curves, "accuracy", 100.0)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda p: fig.savefig(p, format=path.suffix.lstrip(".") or "png"))
+
+
+def pair_plot(ax, curves: list[dict], metric: str, scale: float) -> None:
+    """Each anchor pair's stitches against the share of the end anchor's blocks they run, with the pair's anchors
+    as horizontal lines: a palette that works climbs from the front anchor's line to the end anchor's."""
+    cmap = colormaps["tab10"]
+    for k, p in enumerate(curves):
+        colour = cmap(k % 10)
+        pts = sorted(p["points"], key=lambda q: (q["share"], q["cost"]))
+        ax.plot([q["share"] for q in pts], [scale * q[metric] for q in pts], "o", ms=3.5, alpha=0.75, color=colour,
+                label=f"{p['front_name']}\u2192{p['end_name']} (Spearman {p['spearman']:.2f})")
+        for side, ls in (("front", ":"), ("end", "--")):
+            v = p.get(f"{side}_{metric}")
+            if v is not None:
+                ax.axhline(scale * v, color=colour, ls=ls, lw=1)
+                ax.annotate(p[f"{side}_name"], (1.0 if side == "end" else 0.0, scale * v), fontsize=8, color=colour,
+                            xytext=(-14 if side == "end" else 2, 2), textcoords="offset points")
+    ax.set_xlabel("share of the end anchor's blocks run by the stitch")
+    ax.set_ylabel(f"test {metric}" + (" (%)" if scale == 100.0 else ""))
+    ax.set_title("per pair: stitches between their anchors (dotted: front, dashed: end)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
 
 
 def bench_plot(methods: dict, path: Path, title: str = "") -> None:

@@ -83,6 +83,11 @@ class RunResults:
     sweep_seconds: float = 0.0
     mean_regret: float | None = None  # against the best evaluated stitch the rule chose among
     mean_regret_in_budget: float | None = None  # against the best evaluated stitch within each budget
+    #: per anchor pair: its stitches against the share of the end anchor (see ``esta.pairs``); empty without a sweep
+    pairs: list = field(default_factory=list)
+    #: budgets strictly between the cheapest and the costliest anchor (not an anchor's own cost), and how many of
+    #: them deployed an in-between stitch better than the cheaper anchor of its pair
+    in_between: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -119,6 +124,23 @@ class RunResults:
         d["deployed"] = [Point(**p) for p in d["deployed"]]
         d["anchors"] = [Point(**p) for p in d["anchors"]]
         return cls(**d)
+
+
+def in_between_served(deployed: list[dict], anchors: list[dict], pairs: list[dict], metric: Metric,
+                      cost: str = "flops") -> dict:
+    """How many budgets between the anchors' costs an in-between stitch serves, and beats the cheaper anchor of its
+    pair there (``deployed``: rows with ``budget``, ``name``, ``stitch_id`` and the metric; ``anchors``: rows with
+    ``stitch_id`` and the cost; ``pairs``: :func:`esta.pairs.pair_curves`, which holds each pair's anchors and
+    points). Where no sweep ran, a stitch counts as better than its cheaper anchor if its deployed value is."""
+    anchor_ids = {a["stitch_id"] for a in anchors}
+    costs = sorted(a[cost] for a in anchors)
+    between = [d for d in deployed if costs and costs[0] < d["budget"] < costs[-1]
+               and not any(abs(d["budget"] - c) <= 1e-9 * max(1.0, c) for c in costs)]
+    cheaper = {q["id"]: p.get("cheaper_" + metric.name) for p in pairs for q in p["points"]}
+    served = [d for d in between if d["stitch_id"] not in anchor_ids and d.get(metric.name) is not None
+              and cheaper.get(d["stitch_id"]) is not None and metric.gain(d[metric.name], cheaper[d["stitch_id"]]) > 0]
+    return {"budgets": len(between), "in_between": sum(d["stitch_id"] not in anchor_ids for d in between),
+            "beating_cheaper_anchor": len(served), "share": len(served) / len(between) if between else None}
 
 
 def run_results(task, result, deploy_by: str, timing: dict, deployed: list[Point], anchors: list[Point],

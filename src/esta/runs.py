@@ -34,7 +34,9 @@ def _task_of(info: dict):
     if kind not in TASKS:
         raise EstaError(f"the run's task {kind!r} is not one of {', '.join(TASKS)}")
     config_cls, task_cls = TASKS[kind]
-    return task_cls(config_cls.from_dict(info["config"]))
+    # runs written before the choice existed shared one stitching layer per window
+    return task_cls(config_cls.from_dict({"stitch_layers": "per-window", "stitch_offsets": False,
+                                          **info["config"]}))
 
 
 def load_run(run_dir: str | Path, with_data: bool = False, deploy_by: str = "validation"):
@@ -50,7 +52,8 @@ def load_run(run_dir: str | Path, with_data: bool = False, deploy_by: str = "val
         task.load(deploy_by)
     else:
         task.anchors = task.load_anchors(num_labels=len(info["classes"]) if "classes" in info else None)
-    palette = Palette(task.anchors, kernel=cfg.kernel, stride=cfg.stride, pairing=cfg.pairing, two_way=cfg.two_way)
+    palette = Palette(task.anchors, kernel=cfg.kernel, stride=cfg.stride, pairing=cfg.pairing, two_way=cfg.two_way,
+                      stitch_layers=cfg.stitch_layers, stitch_offsets=cfg.stitch_offsets)
     palette.apply_pst(get_method(cfg.method).pst(cfg.pst))
     meta = load_adaptation(run_dir / "checkpoint", palette)
     info["step"], info["total_steps"] = meta["step"], meta.get("total_steps", meta["step"])
@@ -173,6 +176,8 @@ def save_run_palette(run_dir: str | Path, out_dir: str | Path | None = None) -> 
     results = json.loads((run_dir / "results.json").read_text()) if (run_dir / "results.json").is_file() else {}
     cfg, out = info["config"], Path(out_dir) if out_dir else run_dir / "palette"
     space_args = {k: cfg[k] for k in ("kernel", "stride", "pairing", "two_way")}
+    space_args["stitch_layers"] = cfg.get("stitch_layers", "per-window")  # runs of esta <= 0.1 had no choice
+    space_args["stitch_offsets"] = cfg.get("stitch_offsets", False)
     if "classes" in info:
         accuracy = {s["id"]: s.get("accuracy") for s in results.get("stitches", [])}
         rows = [{"flops": float(f), "params": int(p), "accuracy": accuracy.get(i), "updates": info["updates"][i]}

@@ -4,6 +4,14 @@ SN-Net's initialisation: on one calibration batch, X = the tokens leaving front 
 end block ``m`` normally receives (the output of end block ``m-1``, or the end anchor's embedding when ``m = 0``);
 solve ``[X 1] W ~= Y`` in float64, and average the solutions of all cuts that share the layer. An optional ridge
 term keeps the fit from chasing a few outlier features when the calibration tokens are few for the width (LLMs).
+
+Ours, for families whose tokens sit at fixed positions (ViT: [CLS] and the patches): a learned *offset per token
+position* beside the shared map (``y = W x + o[t]``), fitted in the same least squares (per position, the offset is
+the mean residual). Why: the end anchor's hidden states carry its own position embeddings, which the front
+anchor's tokens cannot supply through one map shared by all positions; an offset per position (and [CLS]'s own)
+supplies them exactly. Measured on the mini family (Fashion-MNIST, the anchors' own heads, no training, a layer per
+cut, 1,000 test images): the stitch that enters S at its embedding 72.5 -> 82.0 % (S alone 83.6 %), the one that
+enters B at its embedding 76.8 -> 84.6 % (B 86.3 %); no cut measured worse.
 """
 
 from __future__ import annotations
@@ -12,6 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .errors import EstaError
 from .space import StitchSpace
 
 
@@ -42,10 +51,47 @@ def least_squares(x: torch.Tensor, y: torch.Tensor, ridge: float = 0.0,
     return wb[:-1].t().contiguous(), wb[-1].contiguous()
 
 
-def make_stitching_layers(space: StitchSpace, widths: list[int], dtype: torch.dtype = torch.float32) -> nn.ModuleDict:
+class StitchingLayer(nn.Linear):
+    """``y = W x + b`` per token, plus a learned offset per token position when ``tokens > 0`` (see above)."""
+
+    def __init__(self, in_features: int, out_features: int, tokens: int = 0, dtype: torch.dtype | None = None) -> None:
+        super().__init__(in_features, out_features, dtype=dtype)
+        self.offset = nn.Parameter(torch.zeros(tokens, out_features, dtype=dtype)) if tokens else None
+
+    @property
+    def tokens(self) -> int:
+        return 0 if self.offset is None else int(self.offset.shape[0])
+
+    def add_offset(self, y: torch.Tensor) -> torch.Tensor:
+        """``y`` (``[batch, tokens, out]``) plus the per-position offset, if this layer has one."""
+        if self.offset is None:
+            return y
+        if y.dim() != 3 or y.shape[1] != self.offset.shape[0]:
+            raise EstaError(f"this stitching layer has offsets for {self.offset.shape[0]} token positions, got "
+                            f"tokens of shape {list(y.shape)}")
+        return y + self.offset.to(y.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.add_offset(super().forward(x))
+
+
+def make_stitching_layers(space: StitchSpace, widths: list[int], dtype: torch.dtype = torch.float32,
+                          tokens: int = 0) -> nn.ModuleDict:
+    """One layer per key of the space; ``tokens > 0``: with an offset per token position (fixed-position families)."""
     return nn.ModuleDict({
-        key: nn.Linear(widths[a], widths[b], dtype=dtype) for key, (a, b) in space.layers.items()
+        key: StitchingLayer(widths[a], widths[b], tokens, dtype=dtype) for key, (a, b) in space.layers.items()
     })
+
+
+def least_squares_offset(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight ``[d_out, d_in]`` and per-position offset ``[tokens, d_out]`` minimising
+    ``sum weight * |x W^T + o[t] - y|^2`` over ``x, y`` of shape ``[batch, tokens, d]``: the offset of a position is
+    its mean residual, so ``W`` is the weighted fit of the tokens centred on their position's mean."""
+    x, y = x.double(), y.double()
+    xm, ym = x.mean(0), y.mean(0)
+    w, _ = least_squares(x - xm, y - ym, 0.0, weight)
+    return w, ym - xm @ w.t()
 
 
 @torch.no_grad()
@@ -66,11 +112,18 @@ def init_least_squares(layers: nn.ModuleDict, space: StitchSpace,
             y = hidden[b][cut.end_first]  # input of end block m
             mask = masks[a] if masks[a] is not None else masks[b]
             weight = weights[a] if weights[a] is not None else weights[b]
-            if mask is not None:
-                x, y = x[mask], y[mask]
-                weight = weight[mask] if weight is not None else None
-            w, bias = least_squares(x, y, ridge, weight)
+            if getattr(layer, "offset", None) is not None:  # fixed positions: no padding to mask out
+                w, bias = least_squares_offset(x, y, weight)
+            else:
+                if mask is not None:
+                    x, y = x[mask], y[mask]
+                    weight = weight[mask] if weight is not None else None
+                w, bias = least_squares(x, y, ridge, weight)
             ws.append(w)
             bs.append(bias)
         layer.weight.copy_(torch.stack(ws).mean(0).to(layer.weight.dtype))
-        layer.bias.copy_(torch.stack(bs).mean(0).to(layer.bias.dtype))
+        if getattr(layer, "offset", None) is not None:
+            layer.bias.zero_()  # the offsets hold the constant part, position by position
+            layer.offset.copy_(torch.stack(bs).mean(0).to(layer.offset.dtype))
+        else:
+            layer.bias.copy_(torch.stack(bs).mean(0).to(layer.bias.dtype))

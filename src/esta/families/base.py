@@ -45,6 +45,12 @@ class Anchor(nn.Module):
     def width(self) -> int:
         return int(self.config.hidden_size)
 
+    @property
+    def fixed_tokens(self) -> int:
+        """How many tokens every input has, each at its own fixed position (a ViT's [CLS] and patches), or 0 where
+        inputs vary in length (LLMs): stitching layers can learn an offset per position only in the first case."""
+        return 0
+
     def block_module(self, i: int) -> nn.Module:
         return self.blocks[i - self.first_block]
 
@@ -60,6 +66,11 @@ class Anchor(nn.Module):
         raise NotImplementedError
 
     def head(self, hidden: torch.Tensor, ctx: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+    def head_features(self, hidden: torch.Tensor) -> torch.Tensor:
+        """What the output layer reads from the last block's output (``[batch, width]`` for a summary token,
+        ``[batch, tokens, width]`` per token): end-anchor calibration and feature distillation match these."""
         raise NotImplementedError
 
     def forward(self, inputs: Any) -> torch.Tensor:

@@ -97,8 +97,12 @@ class CausalLMAnchor(Anchor):
                                    use_cache=ctx["cache"] is not None)
         return out[0] if isinstance(out, tuple) else out
 
+    def head_features(self, hidden: torch.Tensor) -> torch.Tensor:
+        """What the LM head reads: the final norm's hidden states, every token."""
+        return self.norm(hidden)
+
     def head(self, hidden: torch.Tensor, ctx: Any) -> torch.Tensor:
-        return self.lm_head(self.norm(hidden))
+        return self.lm_head(self.head_features(hidden))
 
     def token_mask(self, inputs: dict) -> torch.Tensor | None:
         """The tokens the stitching layers are fitted on: no padding, and not the first token.

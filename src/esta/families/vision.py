@@ -73,6 +73,10 @@ class VisionAnchor(Anchor):
         return int(self.config.num_channels)
 
     @property
+    def fixed_tokens(self) -> int:
+        return (self.image_size // self.patch_size) ** 2 + PREFIX_TOKENS[self.config.model_type]
+
+    @property
     def num_labels(self) -> int:
         return int(self.classifier.out_features) if isinstance(self.classifier, nn.Linear) else 0
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ..budget import FLOPS
+from ..calibration import calibrate_stitching
 from ..data import (
     default_cache_dir,
     held_out_sets,
@@ -29,11 +30,12 @@ from ..errors import EstaError
 from ..evaluate import accuracy, largest_drop, spearman, sweep
 from ..families import anchor_names, load_family
 from ..methods import get_method
+from ..pairs import pair_curves
 from ..palette import Palette
 from ..probe import probe_heads
 from ..recipe import RecipeConfig, default_budgets, run
 from ..report import pareto_plot, write_results
-from ..results import ACCURACY, Point, run_results
+from ..results import ACCURACY, Point, in_between_served, run_results
 from ..train import classification_loss
 from .base import Task
 
@@ -108,6 +110,18 @@ class ImageClassification(Task):
         idx = stratified_split(train.labels, n, cfg.train.seed + 7)[0] if n < len(train) else range(n)
         self.calibration = materialize(train, idx)
         palette.init_stitching(self.calibration.images, summary_weight=cfg.stitch_cls_weight)
+        self.calibration_report = {}
+        if cfg.calibration.steps and not cfg.resume:  # label-free; a resumed run's checkpoint holds the layers: the training images without their labels
+            t0 = time.perf_counter()
+            n = min(cfg.calibration.examples, len(train))
+            idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.train.seed + 11))[:n]
+            images = materialize(train, idx).images
+            layers = calibrate_stitching(palette, images, cfg.calibration, cfg.train.seed, cfg.progress)
+            self.calibration_report = {"seconds": time.perf_counter() - t0, "layers": layers}
+            log.info("calibrated %d stitching layers towards their end anchors in %.0f s (end-feature error %.3f -> "
+                     "%.3f on average)", len(layers), self.calibration_report["seconds"],
+                     sum(v["before"] for v in layers.values()) / len(layers),
+                     sum(v["after"] for v in layers.values()) / len(layers))
 
     def cost_input(self) -> torch.Tensor:
         return self.calibration.images[:1]
@@ -172,6 +186,7 @@ class ImageClassification(Task):
             if val_acc and len(self.val_set) else None
         results["validation_examples"] = len(self.val_set)
         results["head_init"] = {"mode": self.head_init, "probes": self.probes}
+        results["calibration"] = self.calibration_report
         results["timing"] = timing
         names = anchor_names([a.source for a in palette.anchors])
         results["references"] = [
@@ -185,7 +200,8 @@ class ImageClassification(Task):
                             result.updates[d["stitch_id"]], d["validation_accuracy"]) for d in results["deployed"]],
             anchors=[Point(a["name"], a["flops"], a["flops"], a["params"], a["accuracy"], updates=a["updates"])
                      for a in results["anchors_in_palette"]],
-            mean_regret=summary["mean_regret"], mean_regret_in_budget=summary["mean_regret_in_budget"]).to_json()
+            mean_regret=summary["mean_regret"], mean_regret_in_budget=summary["mean_regret_in_budget"],
+            pairs=results["pairs"], in_between=summary["in_between"]).to_json()
         return results
 
     def write(self, results: dict, out: Path) -> None:
@@ -237,6 +253,7 @@ def image_results(config: AdaptConfig, task, palette: Palette, costs, result, ch
         })
     accs = [d["accuracy"] for d in deployed]
     names = anchor_names([a.source for a in palette.anchors])
+    pairs = pair_curves(stitches, "accuracy", "flops", depths=[a.depth for a in palette.anchors], names=names)
     anchors = [{"name": names[s.front], "source": palette.anchors[s.front].source, "stitch_id": s.id,
                 "flops": costs[s.id].flops, "params": costs[s.id].params, "accuracy": sweep_acc.get(s.id),
                 "updates": result.updates[s.id]} for s in palette.space.stitches if s.is_anchor]
@@ -245,7 +262,7 @@ def image_results(config: AdaptConfig, task, palette: Palette, costs, result, ch
         "method": config.method, "task": task.name, "classes": task.classes,
         "anchors": [a.source for a in palette.anchors], "eval_examples": n_eval, "train_examples": len(task.train),
         "space": {k: v for k, v in palette.space.to_dict().items() if k != "stitches"},
-        "stitches": stitches, "deployed": deployed, "anchors_in_palette": anchors,
+        "stitches": stitches, "deployed": deployed, "anchors_in_palette": anchors, "pairs": pairs,
         "summary": {
             "spearman_budget_accuracy": spearman([d["budget"] for d in deployed], accs),
             "mean_deployed_accuracy": sum(accs) / len(accs) if accs else None,
@@ -256,6 +273,7 @@ def image_results(config: AdaptConfig, task, palette: Palette, costs, result, ch
             "largest_drop": largest_drop([d["accuracy"] for d in sorted(deployed, key=lambda d: d["budget"])]),
             "anchor_accuracy": {f"anchor{s.front}": sweep_acc.get(s.id) for s in palette.space.stitches
                                 if s.is_anchor},
+            "in_between": in_between_served(deployed, anchors, pairs, ACCURACY),
         },
         "deploy_by": deploy_by,
         "train": {"seconds": result.seconds, "steps": result.steps, "trainable_params": result.trainable_params,
