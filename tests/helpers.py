@@ -71,9 +71,9 @@ def perturb_adapters(palette, scale: float = 0.05) -> None:
                 p.add_(torch.randn_like(p) * scale)
 
 
-def build(paths, data, pst=None, seed=0):
+def build(paths, data, pst=None, seed=0, **palette_args):
     torch.manual_seed(seed)
-    palette = Palette(load_family(paths, num_labels=3))
+    palette = Palette(load_family(paths, num_labels=3), **palette_args)
     palette.init_stitching(data.images[:32])
     flops = [float(c.flops) for c in count_costs(palette, data.images[:1], progress=False)]
     palette.apply_pst(pst or PSTConfig())

@@ -17,7 +17,7 @@ ort = pytest.importorskip("onnxruntime", reason="onnxruntime cannot be installed
 
 def test_a_deployed_stitch_exports_to_onnx_and_matches_torch(tmp_path, vit_family):
     data = toy_task()
-    palette, _ = build(vit_family[:2], data)
+    palette, _ = build(vit_family[:2], data, stitch_layers="per-cut", stitch_offsets=True)  # esta's image default
     perturb_adapters(palette)  # a trained-looking stitch: nonzero adapters and biases everywhere
     sid = next(s.id for s in palette.space.stitches if not s.is_anchor)
     DeployedStitch.from_palette(palette, sid).save_pretrained(tmp_path / "dep")

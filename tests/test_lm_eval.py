@@ -11,6 +11,9 @@ from esta.errors import EstaError
 from esta.lm_eval import (
     MCItem,
     continuation_logprob,
+    encode_pair,
+    interval95,
+    mc_scores,
     mc_accuracy,
     mc_items,
     perplexity,
@@ -51,7 +54,7 @@ def test_single_token_choices_take_one_pass_and_agree_with_the_padded_batch(tiny
 
 def test_mc_accuracy_picks_the_likeliest_choice(tiny):
     model, tok = tiny
-    items = [MCItem("w1 w2", [" w3", " w4", " w5"], a) for a in range(3)]
+    items = [MCItem("w1 w2", ["w3", "w4", "w5"], a) for a in range(3)]
     best = max(range(3), key=continuation_logprob(model, tok, "w1 w2", [" w3", " w4", " w5"]).__getitem__)
     assert mc_accuracy(model, tok, items) == pytest.approx(1 / 3)
     assert mc_accuracy(model, tok, [items[best]]) == 1.0
@@ -72,6 +75,35 @@ def test_benchmark_folders_map_to_items(tmp_path):
             "answerKey": ["B"]}
     datasets.Dataset.from_dict(rows).save_to_disk(str(tmp_path / "ai2_arc/ARC-Easy/validation"))
     (item,) = mc_items("arc-easy", tmp_path)
-    assert item.choices == [" a", " b"] and item.answer == 1 and "Which?" in item.context
+    assert item.choices == ["a", "b"] and item.answer == 1 and item.context == "Question: Which?\nAnswer:"
     with pytest.raises(EstaError, match="not found"):
         mc_items("hellaswag", tmp_path)
+
+
+def test_acc_and_acc_norm_against_a_hand_computed_example(tiny):
+    """A model that gives every position the same next-token distribution: a choice's log-likelihood is the sum of
+    its tokens' fixed log-probabilities, so both figures can be worked out by hand."""
+    _, tok = tiny
+    vocab = len(tok)
+    logp = torch.full((vocab,), -30.0)
+    w3, w4, w5 = (tok(" " + w, add_special_tokens=False)["input_ids"] for w in ("w3", "w4", "w5"))
+    assert len(w3) == len(w4) == len(w5) == 1
+    logp[w3[0]], logp[w4[0]], logp[w5[0]] = -1.0, -0.8, -0.8
+    logits = logp.log_softmax(-1)  # normalised: what the model predicts, everywhere
+    model = lambda x: logits.expand(*x["input_ids"].shape, vocab)  # noqa: E731
+    # "w3": one token, 2 characters, log p = -1.0 (per character -0.5)
+    # "w4 w5": two tokens, 5 characters, log p = -1.6 (per character -0.32)
+    item = MCItem("w1 w2", ["w3", "w4 w5"], answer=1)
+    s = mc_scores(model, tok, [item])
+    assert (s["acc"], s["acc_norm"], s["n"]) == (0.0, 1.0, 1)  # acc picks w3, acc_norm picks "w4 w5"
+    s = mc_scores(model, tok, [item, MCItem("w1 w2", ["w3", "w4 w5"], answer=0)])
+    assert (s["acc"], s["acc_norm"]) == (0.5, 0.5)
+    assert s["acc_ci95"] == pytest.approx(1.96 * math.sqrt(0.25 / 2))
+
+
+def test_context_and_continuation_are_split_as_the_harness_splits_them(tiny):
+    _, tok = tiny
+    ctx, cont = encode_pair(tok, "w1 w2 ", "w3")  # a trailing space moves to the continuation
+    assert ctx == tok("w1 w2", add_special_tokens=False)["input_ids"]
+    assert ctx + cont == tok("w1 w2 w3", add_special_tokens=False)["input_ids"]
+    assert interval95(0.5, 100) == pytest.approx(0.098)

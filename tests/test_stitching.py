@@ -96,3 +96,31 @@ def test_the_cls_token_gets_its_share_of_the_stitching_fit(vit_family):
     assert anchor.token_weights(h, 0.0) is None
     w = anchor.token_weights(h, 0.5)
     assert w.shape == (2, 5) and torch.allclose(w[:, 0], w[:, 1:].sum(-1))  # CLS weighs as much as all patches
+
+
+def test_least_squares_with_offsets_recovers_a_map_and_one_offset_per_position():
+    from esta.stitching import least_squares_offset
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(5, 3, generator=g, dtype=torch.float64)
+    offsets = torch.randn(4, 5, generator=g, dtype=torch.float64)  # 4 token positions
+    x = torch.randn(20, 4, 3, generator=g, dtype=torch.float64)
+    y = x @ w.t() + offsets
+    weight = torch.ones(20, 4, dtype=torch.float64)
+    weight[:, 0] = 9.0  # a heavier first position changes nothing when the fit is exact
+    w_hat, o_hat = least_squares_offset(x, y, weight)
+    torch.testing.assert_close(w_hat, w)
+    torch.testing.assert_close(o_hat, offsets)
+
+
+def test_offsets_fit_position_dependent_targets_that_one_bias_cannot(vit_family, images):
+    anchors = load_family(vit_family, num_labels=3)
+    plain, offset = Palette(anchors, stitch_layers="per-cut"), Palette(anchors, stitch_layers="per-cut",
+                                                                      stitch_offsets=True)
+    for p in (plain, offset):
+        p.init_stitching(images)
+    hidden = [a.hidden_states(images)[0] for a in anchors]
+    for s in (s for s in plain.space.stitches if not s.is_anchor):
+        x, y = hidden[s.front][s.front_last + 1], hidden[s.end][s.end_first]
+        err = [float((p.stitching[s.layer](x) - y).pow(2).mean()) for p in (plain, offset)]
+        assert err[1] <= err[0] + 1e-6, s.name

