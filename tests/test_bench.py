@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from helpers import image_folder
 
 from esta.bench import BenchConfig, run_bench, slug
@@ -84,3 +86,40 @@ def test_the_sweep_run_at_the_chosen_rate_is_reused_and_the_ablations_run_on_the
     assert "importance_minus_uniform_points" in out["claims"]["t1"]
     assert "importance_minus_uniform_points" not in out["claims"]["t2"]
     assert "linear-probe" in out["tasks"]["t2"] and "esta" in out["tasks"]["t2"]
+
+
+def test_a_palette_trains_for_the_examples_of_every_anchor_tuned_alone(tmp_path, monkeypatch):
+    """The user's price: three anchors tuned alone for N steps each cost 3N steps, which a palette gets in all; the
+    claims set each palette anchor beside the same anchor tuned alone, seed by seed, and carry the pair curves."""
+    import esta.bench as bench
+    from esta.results import Point, RunResults
+
+    seen = {}
+
+    def fake_run(cfg, task, method, seed, lr, out, sweep=True):
+        seen[method] = bench.palette_steps(cfg) if not bench.get_method(method).anchors_only else cfg.steps
+        v = {"esta": 0.70, "anchors-lora": 0.72}.get(method, 0.6) + 0.01 * seed
+        pair = {"front_name": "Ti", "end_name": "S", "count": 2, "spearman": 0.5 + seed / 10,
+                "most_end": {"name": "0[:1]->1[0:]", "gap_to_end": 0.01}, "above_cheaper": 1}
+        pairs = [pair] if method == "esta" else []
+        return RunResults(method=method, task=task, task_kind="image-classification", metric="accuracy",
+                          cost_axis="flops", deploy_by="validation",
+                          deployed=[Point("Ti", 1.0, 1.0, 1.0, v, budget=1.0, validation=v)],
+                          anchors=[Point("Ti", 1.0, 1.0, 1.0, v), Point("S", 4.0, 4.0, 4.0, v + 0.05)], seed=seed,
+                          lr=lr or 0.0, steps=1, train_seconds=1.0, trainable_params=1, total_params=2,
+                          peak_rss_mb=1.0, pairs=pairs, in_between={"share": 0.5})
+
+    monkeypatch.setattr(bench, "_run", fake_run)
+    monkeypatch.setattr(bench, "bench_plot", lambda *a, **k: None)
+    out = run_bench(BenchConfig(tasks=["t1"], methods=["esta", "anchors-lora"], steps=7, lr_sweep=False,
+                                out_dir=str(tmp_path), progress=False))
+    assert seen == {"esta": 21, "anchors-lora": 7}  # the mini family has three anchors
+    assert out["palette_steps"] == 21
+    rows = {r["anchor"]: r for r in out["claims"]["t1"]["palette_anchor_minus_alone"]}
+    assert rows["Ti"]["points"] == pytest.approx(-2.0) and rows["S"]["points_per_seed"] == pytest.approx([-2.0, -2.0])
+    (pair,) = out["claims"]["t1"]["esta_pairs"]
+    assert pair["pair"] == "Ti->S" and pair["spearman_per_seed"] == [0.5, 0.6]
+    assert pair["most_end_gap"] == pytest.approx(1.0) and out["claims"]["t1"]["esta_in_between_share"] == 0.5
+    assert "anchor Ti in ESTA's palette" in (tmp_path / "bench.md").read_text()
+    one = BenchConfig(steps=7, price="one")
+    assert bench.palette_steps(one) == 7

@@ -58,10 +58,12 @@ class RecipeConfig:
     stride: int = 1
     pairing: str = "nearest"
     two_way: bool = False
-    #: "per-window": the cuts of a window share one stitching layer (SN-Net); "per-cut": one layer per cut (ours)
-    stitch_layers: str = "per-window"
-    #: stitching layers with an offset per token position where the family has fixed positions (ViT; ours)
-    stitch_offsets: bool = False
+    #: "per-window": the cuts of a window share one stitching layer (SN-Net); "per-cut": one layer per cut (ours;
+    #: measured in esta.space)
+    stitch_layers: str = "per-cut"
+    #: stitching layers with an offset per token position where the family has fixed positions (ViT; ours;
+    #: measured in esta.stitching); ignored by families without fixed positions (LLMs)
+    stitch_offsets: bool = True
     #: end-anchor calibration of the stitching layers after least squares (ours; steps=0: off)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     pst: PSTConfig = field(default_factory=PSTConfig)

