@@ -366,7 +366,8 @@ def cmd_lm_train(args: argparse.Namespace) -> int:
     base = LMAdaptConfig()
     train = replace(base.train, **given(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                                         checkpoint_every=args.checkpoint_every, seed=args.seed,
-                                        stitches_per_step=args.stitches_per_step))
+                                        stitches_per_step=args.stitches_per_step, distill=args.distill,
+                                        distill_temperature=args.distill_temperature))
     if args.groups is not None:
         train = replace(train, sampling=replace(train.sampling, groups=args.groups))
     anchors = args.anchors or [str(p) for p in qwen_coder_pair()]
@@ -384,7 +385,10 @@ def cmd_lm_train(args: argparse.Namespace) -> int:
             lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, stitch_lora_rank=args.stitch_lora_rank,
             bias=args.bias, lora_targets=tuple(args.lora_targets.split(",")) if args.lora_targets else None)),
         resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
+        calibration=replace(base.calibration, **given(steps=args.calibrate_steps, examples=args.calibrate_examples,
+                                                      lr=args.calibrate_lr)),
         **given(dtype=args.dtype, max_length=args.max_length, train_examples=args.train_examples,
+                stitch_layers=args.stitch_layers,
                 heldout_examples=args.heldout, kernel=args.kernel, screen_examples=args.screen_examples,
                 deploy_by=args.deploy_by, validation_examples=args.validation_examples))
     r = adapt_lm(cfg)
@@ -579,6 +583,15 @@ def build_parser() -> argparse.ArgumentParser:
     # defaults sized for ≤ 60 min on 2 CPU cores with the Qwen2.5-Coder pair (fwd+bwd ~11 ms per token)
     p.add_argument("--steps", type=int, default=None, help="training steps (default 300)")
     p.add_argument("--batch-size", type=int, default=None, help="records per step (default 2)")
+    p.add_argument("--stitch-layers", choices=["per-window", "per-cut"], default=None,
+                   help="one stitching layer per window, shared by its cuts (SN-Net), or one per cut (ours)")
+    p.add_argument("--calibrate-steps", type=int, default=None,
+                   help="end-anchor calibration: Adam steps per stitching layer after least squares (ours; 0: off)")
+    p.add_argument("--calibrate-examples", type=int, default=None, help="records the calibration sees")
+    p.add_argument("--calibrate-lr", type=float, default=None, help="end-anchor calibration learning rate")
+    p.add_argument("--distill", type=float, default=None,
+                   help="weight of in-place distillation from each stitch's end anchor, 0-1 (ours)")
+    p.add_argument("--distill-temperature", type=float, default=None, help="distillation temperature (default 1)")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default 2e-4)")
     # 6: screening at ratio 1.0 empties the groups next to the anchors; 4 groups then deployed only 2 stitches
     p.add_argument("--groups", type=int, default=None, help="budget groups by parameter count (default 6)")
