@@ -1,7 +1,6 @@
 import json
 
 import pytest
-
 from helpers import image_folder
 
 from esta.bench import BenchConfig, run_bench, slug

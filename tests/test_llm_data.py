@@ -13,7 +13,7 @@ from lm_fixtures import WORDS, trained_looking_lm_palette
 
 import esta.llm_sources as sources
 from esta.errors import EstaError
-from esta.instruct import IGNORE, chat_pairs, load_records, lm_loss
+from esta.instruct import IGNORE, chat_pairs, lm_loss, load_records
 from esta.llm_sources import pypi_file, read_truncated_json_list, sharegpt
 
 CHATS = [{"id": "a", "conversations": [{"from": "human", "value": "Say hi."}, {"from": "gpt", "value": "Hi!"},

@@ -13,9 +13,9 @@ from esta.lm_eval import (
     continuation_logprob,
     encode_pair,
     interval95,
-    mc_scores,
     mc_accuracy,
     mc_items,
+    mc_scores,
     perplexity,
     text_batches,
 )

@@ -121,3 +121,39 @@ def test_fused_forward_matches_the_plain_formula_and_its_gradients():
     active.id = 4  # another stitch: its own (zero) bias, and stitch 3's bias gets no gradient
     layer(x).sum().backward()
     assert layer.stitch_bias["3"].grad is None and layer.stitch_bias["4"].grad is not None
+
+
+def test_two_threads_run_two_stitches_of_one_palette_at_once(palette, images):
+    """The active stitch is per thread: two forwards that interleave mid-way (both wait at a barrier inside the
+    same shared layer) each get exactly their own stitch's output, and a layer run with no stitch selected fails."""
+    import threading
+
+    from helpers import perturb_adapters
+
+    from esta.errors import EstaError
+
+    perturb_adapters(palette)  # every stitch's biases differ, so a mixed-up stitch changes the output
+    palette.eval()
+    a, b = [s.id for s in palette.space.stitches if s.front == 0][:2]
+    with torch.no_grad():
+        expected = {k: palette(images, stitch=k) for k in (a, b)}
+    shared = next(m for m in palette.anchors[0].modules() if isinstance(m, StitchLinear))  # both stitches run it
+    barrier = threading.Barrier(2, timeout=30)
+    hook = shared.register_forward_pre_hook(lambda *_: (barrier.wait(), None)[1])  # None: the input stays
+    got: dict[int, torch.Tensor] = {}
+
+    def run(k: int) -> None:
+        with torch.no_grad():
+            got[k] = palette(images, stitch=k)
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in (a, b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    hook.remove()
+    for k in (a, b):
+        torch.testing.assert_close(got[k], expected[k], rtol=0, atol=0)
+    assert not torch.equal(expected[a], expected[b])
+    with pytest.raises(EstaError, match="no stitch is selected"):
+        shared(torch.zeros(1, shared.in_features))  # outside a palette forward no stitch is selected

@@ -42,6 +42,9 @@ def test_a_run_records_its_environment_loss_history_and_log(tmp_path, vit_family
 def test_a_layer_refuses_a_stitch_that_does_not_run_it(vit_family):
     data = toy_task()
     palette, _ = build(vit_family, data)
-    with pytest.raises(EstaError, match="does not run this layer"):
+    with pytest.raises(EstaError, match="no stitch is selected"):
         palette.anchors[0](data.images[:2])  # an anchor run directly: no stitch selected
+    layer = next(m for m in palette.anchors[0].modules() if hasattr(m, "own_bias"))
+    with pytest.raises(EstaError, match="does not run this layer"):
+        layer.own_bias(10_000)  # a stitch from another palette
     palette(data.images[:2], stitch=0)  # through the palette, with a stitch, it runs

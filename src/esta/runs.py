@@ -6,7 +6,6 @@ classification or instruction tuning), so a language run redeploys exactly as an
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict
 from pathlib import Path
@@ -16,7 +15,7 @@ from .budget import LATENCY, check_budgets, parse_any
 from .checkpoint import load_adaptation, load_sampler_state
 from .errors import EstaError
 from .evaluate import largest_drop, spearman
-from .files import write_json
+from .files import read_json, write_json
 from .importance import SamplingConfig
 from .methods import get_method
 from .palette import Palette
@@ -45,7 +44,7 @@ def load_run(run_dir: str | Path, with_data: bool = False, deploy_by: str = "val
     run_dir = Path(run_dir)
     if not (run_dir / "run.json").is_file():
         raise EstaError(f"{run_dir} is not an esta run folder (no run.json)")
-    info = json.loads((run_dir / "run.json").read_text())
+    info = read_json(run_dir / "run.json")
     task = _task_of(info)
     cfg = task.config
     if with_data:  # the family with new heads, and the data; the trained heads come from the checkpoint below
@@ -75,7 +74,7 @@ def redeploy(run_dir: str | Path, budgets: list[float | str] | None, out_dir: st
     or with a unit): no retraining, no evaluation sweep. The deployment folder is replaced whole (see
     ``recipe.export_choices``). A run whose checkpoint is short of its last step is refused unless
     ``allow_unfinished``."""
-    info = json.loads((Path(run_dir) / "run.json").read_text()) if (Path(run_dir) / "run.json").is_file() else {}
+    info = read_json(Path(run_dir) / "run.json") if (Path(run_dir) / "run.json").is_file() else {}
     method = get_method(info.get("config", {}).get("method", "esta"))
     rule = info.get("config", {}).get("deploy_by", "importance") if method.deploy_by == "importance" else "validation"
     palette, info = load_run(run_dir, with_data=rule == "validation", deploy_by=rule)
@@ -135,7 +134,7 @@ def _record_redeployment(run_dir: Path, rows: list[dict], points: list[Point], m
     path = run_dir / "results.json"
     if not path.is_file():
         return None
-    results = json.loads(path.read_text())
+    results = read_json(path)
     measured = {s["id"]: s.get("accuracy") for s in results.get("stitches", [])}
     before = {d["stitch_id"]: d for d in results.get("deployed", [])}
     results.setdefault("deployed_at_training", results.get("deployed"))
@@ -173,7 +172,7 @@ def save_run_palette(run_dir: str | Path, out_dir: str | Path | None = None) -> 
     palette, info = load_run(run_dir)
     if info["step"] < info["total_steps"]:
         raise EstaError(f"{run_dir} is unfinished (checkpoint at step {info['step']} of {info['total_steps']})")
-    results = json.loads((run_dir / "results.json").read_text()) if (run_dir / "results.json").is_file() else {}
+    results = read_json(run_dir / "results.json") if (run_dir / "results.json").is_file() else {}
     cfg, out = info["config"], Path(out_dir) if out_dir else run_dir / "palette"
     space_args = {k: cfg[k] for k in ("kernel", "stride", "pairing", "two_way")}
     space_args["stitch_layers"] = cfg.get("stitch_layers", "per-window")  # runs of esta <= 0.1 had no choice

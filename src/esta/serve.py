@@ -47,8 +47,8 @@ def create_app(palette_dir: "str | Path", max_bytes: int = MAX_BYTES):
     family = palette.anchors[0].family
     if family not in ("vision", "causal-lm"):
         raise EstaError(f"{palette_dir} is a {family} palette: esta serve classifies images and generates text")
-    # The palette selects its stitch through shared state (which biases every layer reads), so two forwards must
-    # never run at once; torch already spreads one forward over the cores.
+    # Each forward selects its own stitch (per thread), so concurrent forwards would be correct; the lock only keeps
+    # them one at a time, because torch already spreads one forward over the cores and two at once thrash them.
     lock = threading.Lock()
     app = FastAPI(title="esta palette", description=f"{len(table['stitches'])} stitches of one {family} palette")
 

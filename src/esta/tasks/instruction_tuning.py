@@ -267,7 +267,7 @@ class InstructionTuning(Task):
                  "perplexity": val_all.get(s.id)} for s in palette.space.stitches]
         pairs = pair_curves(rows, "perplexity", "params", higher_is_better=False,
                             depths=[a.depth for a in palette.anchors], names=names)
-        for line in describe(pairs, "validation perplexity", 1.0, ""):
+        for line in describe(pairs, "perplexity", 1.0, "", label="-validation perplexity"):
             log.info(line)
         run = run_results(
             self, result, deploy_by, timing,
