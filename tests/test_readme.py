@@ -15,7 +15,8 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 def python_blocks() -> list[str]:
     text = README.read_text()
-    api = text[text.index("## Python API"):text.index("## The shipped mini family")]
+    start = text.index("## Python API")
+    api = text[start:text.index("\n## ", start)]  # up to the next section
     return re.findall(r"```python\n(.*?)```", api, flags=re.S)
 
 

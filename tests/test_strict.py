@@ -142,6 +142,10 @@ def test_deploying_an_unfinished_run_needs_allow_unfinished(tmp_path, finished):
     ("checkpoint/state.json", "garbage", "deploy", ["state.json", "damaged"]),
     ("checkpoint/sampler.safetensors", "delete", "deploy", ["sampler.safetensors", "missing"]),
     ("checkpoint/optim.pt", "garbage", "resume", ["optim.pt", "damaged"]),
+    ("run.json", "truncate", "deploy", ["run.json", "damaged"]),
+    ("run.json", "garbage", "deploy", ["run.json", "damaged"]),
+    ("results.json", "truncate", "deploy", ["results.json", "damaged"]),
+    ("run.json", "truncate", "resume", ["run.json", "damaged"]),
 ])
 def test_a_damaged_checkpoint_is_one_line(tmp_path, vit_family, data, finished, victim, damage, command, words):
     run = copy_run(finished, tmp_path)
