@@ -107,3 +107,23 @@ def test_a_run_replays_from_its_run_json_and_a_bad_config_is_one_line(tmp_path):
     (tmp_path / "bad.yaml").write_text("train:\n  stepz: 7\n")
     one_error_line(esta("train", "--config", str(tmp_path / "bad.yaml"), "--out", str(tmp_path / "r")),
                    "unknown settings", "stepz")
+
+
+def test_the_python_api_and_the_cli_train_a_method_at_the_same_rate(tmp_path, monkeypatch):
+    """A method's learning rate is resolved by the library (esta.run), not by the CLI: SN-Net's own rate either way,
+    and a rate given explicitly is kept."""
+    import esta
+    from esta import recipe
+    from esta.adapt import AdaptConfig
+    from esta.cli import _adapt_config, build_parser
+    from esta.methods import get_method
+
+    seen = []
+    monkeypatch.setattr(recipe, "_run", lambda config, task, out: seen.append(config) or {})
+    esta.run(AdaptConfig(method="snnet", out_dir=str(tmp_path / "api"), progress=False))
+    cli = _adapt_config(build_parser().parse_args(["train", "--method", "snnet", "--out", str(tmp_path / "cli")]))
+    esta.run(cli)
+    esta.run(AdaptConfig(method="snnet", out_dir=str(tmp_path / "given"), progress=False,
+                         train=esta.TrainConfig(lr=3e-5)))
+    assert [c.train.lr for c in seen] == [get_method("snnet").lr, get_method("snnet").lr, 3e-5]
+    assert get_method("snnet").lr != get_method("esta").lr

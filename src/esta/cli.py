@@ -79,7 +79,6 @@ def _adapt_config(args: argparse.Namespace, **overrides):
     from dataclasses import replace
 
     from .families import source_kind
-    from .methods import get_method
     from .pst import PSTConfig
     from .tasks import task_for_family
 
@@ -113,8 +112,7 @@ def _adapt_config(args: argparse.Namespace, **overrides):
             distill_temperature=args.distill_temperature))
         cfg = dict(common, train=train_cfg, **given(heldout_examples=args.eval_examples or None))
     else:
-        lr = args.lr if args.lr is not None else get_method(args.method).lr
-        train_cfg = replace(base.train, epochs=args.epochs, steps=args.steps, lr=lr, sampling=sampling, **given(
+        train_cfg = replace(base.train, epochs=args.epochs, steps=args.steps, lr=args.lr, sampling=sampling, **given(
             batch_size=args.batch_size, seed=args.seed, checkpoint_every=args.checkpoint_every,
             score_init_batch=args.score_init_batch, head_lr_scale=args.head_lr_scale,
             stitches_per_step=args.stitches_per_step, distill=args.distill,

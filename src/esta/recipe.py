@@ -198,6 +198,8 @@ def run(config: RecipeConfig) -> dict:
     results (``{}`` in the non-main processes of a multi-process run)."""
     from .tasks import task_class
 
+    if config.train.lr is None:  # the method's own rate, so the Python API trains as `esta train` does
+        config = replace(config, train=replace(config.train, lr=get_method(config.method).lr))
     config.check()
     # a config of no Task, or a method its Task cannot run, is refused before the output folder is touched
     task = task_class(config)(config)

@@ -35,12 +35,18 @@ log = logging.getLogger("esta.train")
 LossFn = Callable[[Callable[..., torch.Tensor], Any, int], torch.Tensor]
 
 
+#: the rate of ``esta.train`` called with no method's rate (ESTA's; ``methods.Method.lr``)
+DEFAULT_LR = 2e-3
+
+
 @dataclass
 class TrainConfig:
     epochs: float = 30.0  # passes over the training set (all stitches together)
     steps: int | None = None  # overrides epochs when given
     batch_size: int = 64
-    lr: float = 2e-3
+    #: None: the method's own rate, resolved by ``esta.run`` (ESTA 2e-3, SN-Net 1e-4: ``methods.py``), so the Python
+    #: API and ``esta train`` train at the same rate; ``esta.train`` called directly uses ``DEFAULT_LR``
+    lr: float | None = None
     weight_decay: float = 1e-4  # on LoRA and head weights; never on biases
     warmup_steps: int = 20
     #: the new task heads' learning rate as a multiple of ``lr``. A head that starts as a linear probe is already
@@ -73,6 +79,11 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @property
+    def rate(self) -> float:
+        """The learning rate this config trains at (``DEFAULT_LR`` where no method resolved ``lr``)."""
+        return DEFAULT_LR if self.lr is None else self.lr
+
     def check(self) -> None:
         """Refuse impossible settings before anything is loaded."""
         if self.steps is not None and self.steps < 1:
@@ -81,7 +92,7 @@ class TrainConfig:
             raise EstaError(f"epochs must be a positive number, got {self.epochs:g}")
         if self.batch_size < 1:
             raise EstaError(f"batch size must be at least 1, got {self.batch_size}")
-        for name, v in (("learning rate", self.lr), ("head_lr_scale", self.head_lr_scale)):
+        for name, v in (("learning rate", self.rate), ("head_lr_scale", self.head_lr_scale)):
             if not (math.isfinite(v) and v > 0):
                 raise EstaError(f"{name} must be a positive number, got {v:g}")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
@@ -255,8 +266,8 @@ def train(palette: Palette, train_set: Dataset, costs: list[float], config: Trai
 
     steps_per_epoch = max(1, len(train_set) // config.batch_size)
     total_steps = config.steps if config.steps is not None else max(1, round(config.epochs * steps_per_epoch))
-    optimizer = torch.optim.AdamW(_param_groups(palette, config.weight_decay, config.lr, config.head_lr_scale),
-                                  lr=config.lr)
+    optimizer = torch.optim.AdamW(_param_groups(palette, config.weight_decay, config.rate, config.head_lr_scale),
+                                  lr=config.rate)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(config.warmup_steps, total_steps))
     # The scheduler stays out of prepare(): Accelerate would step it once per process per step, assuming it had
     # sharded the loader into fewer steps; our loader gives every process the same number of steps.
@@ -313,13 +324,13 @@ def train(palette: Palette, train_set: Dataset, costs: list[float], config: Trai
             loss = loss_fn(model, part, stitch) if not config.distill or end_anchor[stitch] is None else \
                 loss_fn(model, part, stitch, end_anchor[stitch], config.distill, config.distill_temperature)
             part_loss = float(loss.detach())
-            _check_finite("loss", part_loss, step, stitch, palette, config.lr)
+            _check_finite("loss", part_loss, step, stitch, palette, config.rate)
             accelerator.backward(loss / k)  # the step's gradient is the mean over its K parts
             # |theta*grad| is NaN/inf with the gradients; without scores, their norm is the (cheap) check. The
             # score is of the part's own loss (x k undoes the 1/k above: the score is linear in the gradient)
             score = k * snip_score(path_params[stitch], per_parameter) if config.track_importance else 0.0
             check = score if config.track_importance else _grad_norm(path_params[stitch])
-            _check_finite("gradient", check, step, stitch, palette, config.lr)
+            _check_finite("gradient", check, step, stitch, palette, config.rate)
             sampler.update(stitch, score, part_loss)
             loss_value += part_loss / k
         _restore_gradients(held)
