@@ -47,14 +47,15 @@ def write_json(path: str | Path, obj: Any) -> None:
 
 def read_json(path: str | Path, what: str = "run") -> Any:
     """Every JSON file esta reads back (run.json, results.json, manifests, configs): damage (truncated, garbled,
-    not UTF-8) is one :class:`EstaError` naming the file, never a traceback."""
+    not UTF-8) or absence is one :class:`EstaError` naming the file, never a traceback; ``what`` names the folder
+    it belongs to (a run, a deployment) in the message for a missing file."""
     path = Path(path)
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as e:
         raise EstaError(f"{path} is missing: is this a finished esta {what}?") from e
     except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
-        raise EstaError(f"{path} is damaged (not valid JSON: {e}); write it again from its {what}") from e
+        raise EstaError(f"{path} is damaged (not valid JSON: {e})") from e
 
 
 def replace_dir(new: Path, folder: Path) -> None:

@@ -28,15 +28,12 @@ from .distillation import distillation_term
 from .errors import EstaError
 from .files import write_json
 from .importance import ImportanceSampler, SamplingConfig, budget_groups, snip_score
+from .methods import get_method
 from .palette import Palette
 
 log = logging.getLogger("esta.train")
 
 LossFn = Callable[[Callable[..., torch.Tensor], Any, int], torch.Tensor]
-
-
-#: the rate of ``esta.train`` called with no method's rate (ESTA's; ``methods.Method.lr``)
-DEFAULT_LR = 2e-3
 
 
 @dataclass
@@ -45,7 +42,7 @@ class TrainConfig:
     steps: int | None = None  # overrides epochs when given
     batch_size: int = 64
     #: None: the method's own rate, resolved by ``esta.run`` (ESTA 2e-3, SN-Net 1e-4: ``methods.py``), so the Python
-    #: API and ``esta train`` train at the same rate; ``esta.train`` called directly uses ``DEFAULT_LR``
+    #: API and ``esta train`` train at the same rate; ``esta.train`` called directly uses ESTA's
     lr: float | None = None
     weight_decay: float = 1e-4  # on LoRA and head weights; never on biases
     warmup_steps: int = 20
@@ -81,8 +78,8 @@ class TrainConfig:
 
     @property
     def rate(self) -> float:
-        """The learning rate this config trains at (``DEFAULT_LR`` where no method resolved ``lr``)."""
-        return DEFAULT_LR if self.lr is None else self.lr
+        """The learning rate this config trains at (ESTA's where no method resolved ``lr``)."""
+        return get_method("esta").lr if self.lr is None else self.lr
 
     def check(self) -> None:
         """Refuse impossible settings before anything is loaded."""
