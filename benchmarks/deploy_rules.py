@@ -22,7 +22,7 @@ import json
 import statistics
 from pathlib import Path
 
-from esta.deploy import choose
+from esta.selection import choose
 from esta.evaluate import largest_drop
 from esta.importance import budget_groups
 

@@ -36,7 +36,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from esta.serving import best_within, load_palette
+from esta.selection import best_within
+from esta.serving import load_palette
 
 
 def free_port() -> int:

@@ -70,27 +70,68 @@ def test_train_deploy_evaluate_on_an_image_folder(tmp_path, vit_family):
     assert 0.0 <= json.loads(r.stdout.strip().splitlines()[-1])["accuracy"] <= 1.0
 
 
-def test_train_flags_reach_the_config_and_unset_ones_keep_its_defaults():
-    from esta.adapt import AdaptConfig
-    from esta.cli import _adapt_config, build_parser
+def _other_value(flag, default):
+    """A command-line value for ``flag`` that differs from the config's ``default``, and the value it becomes."""
+    from typing import Literal, get_args, get_origin
 
-    args = build_parser().parse_args(["train", "--anchor-share", "0.4", "--score", "sum", "--head-init", "random",
-                                      "--deploy-by", "loss", "--no-score-init-batch", "--validation-sweep"])
-    cfg = _adapt_config(args)
-    assert cfg.train.sampling.anchor_share == 0.4 and cfg.train.sampling.score == "sum"
-    assert cfg.head_init == "random" and cfg.deploy_by == "loss" and cfg.validation_sweep
-    assert cfg.train.score_init_batch is False
-    default = _adapt_config(build_parser().parse_args(["train"]))
-    ref = AdaptConfig()
-    assert (default.head_init, default.deploy_by) == (ref.head_init, ref.deploy_by)
-    assert default.train.sampling.anchor_share == ref.train.sampling.anchor_share
-    assert default.train.sampling.score == ref.train.sampling.score
-    assert default.train.score_init_batch == ref.train.score_init_batch
-    assert default.pst == ref.pst and default.train.sampling == ref.train.sampling  # no default written twice
-    for name in ("batch_size", "seed", "checkpoint_every", "weight_decay", "warmup_steps", "head_lr_scale"):
-        assert getattr(default.train, name) == getattr(ref.train, name), name
-    for name in ("eval_examples", "validation_examples", "calibration_examples", "stitch_cls_weight", "kernel"):
-        assert getattr(default, name) == getattr(ref, name), name
+    hint = flag.hint
+    if hint is bool:
+        return [flag.name if not default else "--no-" + flag.name[2:]], not default
+    if get_origin(hint) is Literal:
+        choice = next(c for c in get_args(hint) if c != default)
+        return [flag.name, choice], choice
+    if flag.path == "anchors":
+        return [flag.name, "a", "b"], ["a", "b"]
+    if get_origin(hint) in (list, tuple):
+        words = ["1", "2"] if get_args(hint)[:1] == (int,) else ["x1", "x2"]
+        value = [int(w) for w in words] if words[0] == "1" else words
+        return [flag.name, ",".join(words)], tuple(value) if isinstance(default, tuple) else value
+    if hint is float or isinstance(default, float):
+        value = (default or 0.5) * 0.5 + 0.125
+        return [flag.name, repr(value)], value
+    if hint is int or isinstance(default, int) or flag.path == "train_examples":  # int, or int | "default"
+        value = (default if isinstance(default, int) else 1) + 3
+        return [flag.name, str(value)], value
+    return [flag.name, "some-value"], "some-value"
+
+
+def _with(config, path: str, value):
+    """``config`` with only the setting at ``path`` (e.g. "train.sampling.groups") replaced by ``value``."""
+    from dataclasses import replace
+
+    head, _, rest = path.partition(".")
+    return replace(config, **{head: _with(getattr(config, head), rest, value) if rest else value})
+
+
+def test_every_training_flag_reaches_its_setting_and_unset_ones_keep_the_configs_defaults():
+    """The flags are made from the config dataclasses: each one sets exactly its field (epochs and lr included),
+    and a command line with none gives the config class's own defaults (nothing written twice)."""
+    from dataclasses import replace
+
+    from esta.cli import COMMANDS, _training_flags, build_parser, training_config
+    from esta.flags import _get, given_settings
+    from esta.tasks import AdaptConfig, LMAdaptConfig, config_for
+
+    flags = _training_flags()
+    assert {"train.epochs", "train.lr", "train.steps", "train.sampling.groups", "pst.lora_rank",
+            "calibration.steps", "heldout_examples", "eval_examples"} <= {f.path for f in flags}
+    parser = build_parser()
+    assert training_config(parser.parse_args(["train"])) == replace(AdaptConfig(), **COMMANDS["train"])
+    assert training_config(parser.parse_args(["demo"])) == replace(AdaptConfig(), **COMMANDS["demo"])
+    for f in flags:
+        cls = AdaptConfig if AdaptConfig in f.owners else LMAdaptConfig
+        base = replace(cls(), **COMMANDS["train"])
+        default = _get(base, f.path)
+        words, value = _other_value(f, default)
+        args = parser.parse_args(["train", *words])
+        config = config_for(given_settings(args, flags), flags, COMMANDS["train"], cls)
+        assert _get(config, f.path) == value, (f.name, _get(config, f.path), value)
+        assert config == _with(base, f.path, _get(config, f.path)), f.name  # and nothing else moved
+
+
+def test_a_flag_of_the_other_task_is_refused_in_one_line(tmp_path, vit_family):
+    one_error_line(esta("train", "--anchors", *vit_family, "--max-length", "64", "--out", str(tmp_path / "r")),
+                   "--max-length", "only for instruction tuning")
 
 
 def test_a_run_replays_from_its_run_json_and_a_bad_config_is_one_line(tmp_path):
@@ -115,13 +156,13 @@ def test_the_python_api_and_the_cli_train_a_method_at_the_same_rate(tmp_path, mo
     import esta
     from esta import recipe
     from esta.adapt import AdaptConfig
-    from esta.cli import _adapt_config, build_parser
+    from esta.cli import build_parser, training_config
     from esta.methods import get_method
 
     seen = []
     monkeypatch.setattr(recipe, "_run", lambda config, task, out: seen.append(config) or {})
     esta.run(AdaptConfig(method="snnet", out_dir=str(tmp_path / "api"), progress=False))
-    cli = _adapt_config(build_parser().parse_args(["train", "--method", "snnet", "--out", str(tmp_path / "cli")]))
+    cli = training_config(build_parser().parse_args(["train", "--method", "snnet", "--out", str(tmp_path / "cli")]))
     esta.run(cli)
     esta.run(AdaptConfig(method="snnet", out_dir=str(tmp_path / "given"), progress=False,
                          train=esta.TrainConfig(lr=3e-5)))

@@ -193,7 +193,7 @@ def test_a_folder_deployed_before_config_json_gets_one_with_one_command(tmp_path
 
 
 def test_a_model_card_says_how_to_load_what_it_describes():
-    from esta.hf_native import model_card
+    from esta.report import model_card
 
     run = {"task": "digits", "metric": "accuracy", "cost_axis": "flops", "method": "esta", "seed": 0, "steps": 20,
            "deploy_by": "validation"}

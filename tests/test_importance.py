@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from esta.deploy import choose
 from esta.errors import EstaError
 from esta.importance import ImportanceSampler, SamplingConfig, budget_groups, snip_score
+from esta.selection import choose
 
 
 def test_budget_groups_are_equal_width_cost_intervals():

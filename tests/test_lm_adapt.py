@@ -100,7 +100,7 @@ def test_a_deployed_stitch_worse_than_both_anchors_is_flagged(caplog):
 
 def test_lm_train_flags_reach_the_config(monkeypatch, tmp_path):
     # the CLI keeps the LLM job's own training defaults (no scoring batch, warm-up) and overrides only its flags
-    import esta.lm_adapt
+    import esta.recipe
     from esta.cli import main
 
     seen = {}
@@ -109,7 +109,7 @@ def test_lm_train_flags_reach_the_config(monkeypatch, tmp_path):
         seen["cfg"] = cfg
         return {"anchors": [], "deployed": []}
 
-    monkeypatch.setattr(esta.lm_adapt, "adapt_lm", fake_adapt_lm)
+    monkeypatch.setattr(esta.recipe, "run", fake_adapt_lm)  # the job esta train runs
     assert main(["lm-train", "--anchors", "a", "b", "--data", "d.jsonl", "--mc-examples", "0", "--steps", "7",
                  "--groups", "3", "--deploy-by", "importance", "--validation-examples", "5", "--no-progress",
                  "--lora-rank", "4", "--bias", "shared", "--lora-targets", "q_proj,v_proj"]) == 0
@@ -122,11 +122,11 @@ def test_lm_train_flags_reach_the_config(monkeypatch, tmp_path):
 
 
 def test_unset_lm_train_flags_keep_the_config_defaults(monkeypatch):
-    import esta.lm_adapt
+    import esta.recipe
     from esta.cli import main
 
     seen = {}
-    monkeypatch.setattr(esta.lm_adapt, "adapt_lm",
+    monkeypatch.setattr(esta.recipe, "run",
                         lambda cfg: seen.setdefault("cfg", cfg) and {"anchors": [], "deployed": []})
     assert main(["lm-train", "--anchors", "a", "b", "--data", "d.jsonl", "--mc-examples", "0"]) == 0
     cfg, ref = seen["cfg"], LMAdaptConfig()

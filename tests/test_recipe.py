@@ -105,7 +105,7 @@ def test_the_same_commands_run_a_language_family_end_to_end(tmp_path, lm_family)
 
     # image-only flags are refused for a language family, in one line
     one_error_line(esta(*train[:-1], "--head-init", "random", "--overwrite"), "--head-init",
-                   "image classification only")
+                   "only for image classification")
 
 
 def test_bench_quick_runs_a_language_family(tmp_path, lm_family, monkeypatch):
@@ -135,12 +135,12 @@ def test_bench_quick_runs_a_language_family(tmp_path, lm_family, monkeypatch):
 def test_train_flags_for_a_language_family_keep_the_language_config_defaults(lm_family):
     from dataclasses import replace
 
-    from esta.cli import _adapt_config, build_parser
+    from esta.cli import build_parser, training_config
 
     family, data = lm_family
-    cfg = _adapt_config(build_parser().parse_args(["train", "--anchors", *family, "--data", data, "--out", "x"]))
+    cfg = training_config(build_parser().parse_args(["train", "--anchors", *family, "--data", data, "--out", "x"]))
     assert isinstance(cfg, LMAdaptConfig)
     assert cfg == replace(LMAdaptConfig(), anchors=family, data=data, out_dir="x")  # no default written twice
-    cfg = _adapt_config(build_parser().parse_args(["train", "--anchors", *family, "--data", data, "--steps", "9",
-                                                   "--eval-examples", "5", "--budgets", "0.1,300M"]))
+    cfg = training_config(build_parser().parse_args(["train", "--anchors", *family, "--data", data, "--steps", "9",
+                                                     "--heldout", "5", "--budgets", "0.1,300M"]))
     assert cfg.train.steps == 9 and cfg.heldout_examples == 5 and cfg.budgets == ["0.1", "300M"]

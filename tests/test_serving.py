@@ -11,7 +11,8 @@ from helpers import esta, image_folder
 from esta.deploy import DeployedStitch
 from esta.errors import EstaError
 from esta.runs import load_run
-from esta.serving import best_within, load_palette
+from esta.selection import best_within
+from esta.serving import load_palette
 
 
 @pytest.fixture(scope="module")

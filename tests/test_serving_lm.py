@@ -15,7 +15,8 @@ from esta.deploy import DeployedStitch
 from esta.errors import EstaError
 from esta.generate import chat_prompt_ids, stream_text
 from esta.runs import load_run
-from esta.serving import best_within, load_palette
+from esta.selection import best_within
+from esta.serving import load_palette
 
 
 @pytest.fixture(scope="module")

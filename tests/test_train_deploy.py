@@ -5,11 +5,12 @@ import torch
 from helpers import build, toy_task
 
 from esta.cost import count_costs
-from esta.deploy import DeployedStitch, choose
+from esta.deploy import DeployedStitch
 from esta.families import load_family
 from esta.importance import SamplingConfig
 from esta.palette import Palette
 from esta.pst import PSTConfig
+from esta.selection import choose
 from esta.train import TrainConfig, classification_loss, train
 
 

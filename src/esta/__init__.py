@@ -36,7 +36,7 @@ _LAZY = {
     "DeployedStitch": ".deploy",
     "StitchForImageClassification": ".hf_native",
     "StitchForCausalLM": ".hf_native",
-    "choose": ".deploy",
+    "choose": ".selection",
     "EstaError": ".errors",
     "accuracy": ".evaluate",
     "sweep": ".evaluate",

@@ -93,16 +93,24 @@ class BenchConfig:
                       "methods": ["esta", "snnet", "anchors-lora", "linear-probe"], **kw})
 
 
+def _config_class(cfg: BenchConfig) -> type:
+    from .families import source_kind
+    from .tasks import task_for_family
+
+    return task_for_family(source_kind(cfg.anchors[0]))[0]
+
+
 def _run(cfg: BenchConfig, task: str, method: str, seed: int, lr: float | None, out: Path,
          sweep: bool = True) -> RunResults:
     """One ``esta train`` in a subprocess; its typed results (reused if this very command already finished)."""
     results, made_by = out / "results.json", out / "bench_args.json"
     steps = cfg.steps if get_method(method).anchors_only else palette_steps(cfg)
+    image = hasattr(_config_class(cfg), "eval_examples")  # a language Task holds out records, and always sweeps
     args = ["train", "--anchors", *cfg.anchors, "--data", task, "--method", method, "--seed", str(seed),
             *(["--lr", repr(lr)] if lr is not None else []), "--steps", str(steps),
-            "--batch-size", str(cfg.batch_size),
-            "--eval-examples", str(cfg.eval_examples), "--validation-examples", str(cfg.validation_examples),
-            "--checkpoint-every", "0", "--out", str(out), "--no-progress"] + ([] if sweep else ["--no-sweep"])
+            "--batch-size", str(cfg.batch_size), "--eval-examples" if image else "--heldout", str(cfg.eval_examples),
+            "--validation-examples", str(cfg.validation_examples), "--checkpoint-every", "0", "--out", str(out),
+            "--no-progress"] + ([] if sweep or not image else ["--no-sweep"])
     if results.is_file() and made_by.is_file():
         if json.loads(made_by.read_text()) == args and "run" in json.loads(results.read_text()):
             return RunResults.from_json(json.loads(results.read_text()))  # a finished run of this very command

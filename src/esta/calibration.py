@@ -30,10 +30,10 @@ from .space import Stitch
 class CalibrationConfig:
     """End-anchor calibration of the stitching layers (ours); ``steps=0`` turns it off (the paper's ESTA)."""
 
-    steps: int = 0  # Adam steps per stitching layer
-    lr: float = 1e-3
-    batch_size: int = 32  # examples per step
-    examples: int = 512  # label-free training examples the features are computed on
+    steps: int = 0  # end-anchor calibration: Adam steps per stitching layer after least squares (ours; 0: off)
+    lr: float = 1e-3  # end-anchor calibration learning rate
+    batch_size: int = 32  # end-anchor calibration: examples per step
+    examples: int = 512  # end-anchor calibration: training examples it sees (labels unused)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -18,7 +18,6 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .budget import CostAxis, check_budgets
 from .errors import EstaError
 from .families.base import Anchor
 from .files import atomic_write, write_json
@@ -30,48 +29,6 @@ from .stitching import StitchingLayer
 FORMAT = "esta-stitch"
 CONFIG_NAME = "esta_stitch.json"
 WEIGHTS_NAME = "model.safetensors"
-#: costs as they come (choose() is given raw counts of whatever axis the caller budgets on)
-RAW = CostAxis("cost", 1.0, "")
-
-
-@dataclass
-class Choice:
-    budget: float  # the cost limit this choice satisfies
-    stitch_id: int
-    candidates: list[int]  # the stitches it was chosen among (its budget group)
-
-
-def choose(groups: list[list[int]], costs: list[float], score: dict[int, float] | list[float],
-           budgets: list[float] | None = None, within: str = "group") -> list[Choice]:
-    """For each budget, the candidate with the highest ``score`` (importance for ESTA, accuracy for a sweep).
-
-    No budgets: one choice per budget group, whose budget is its costliest member. ``within="group"`` (the paper's
-    unit, for scores that only compare stitches of similar cost, like importance): the candidates are the budget's
-    group, i.e. for a budget ``b`` the stitches of the costliest group that has members within ``b``, restricted to
-    cost ``<= b``. ``within="budget"`` (for scores that compare any two stitches, like accuracy or loss): every
-    stitch of cost ``<= b``, so a budget never gets a worse pick than a smaller budget.
-    """
-    if within not in ("group", "budget"):
-        raise EstaError(f"within must be 'group' or 'budget', got {within!r}")
-
-    def best(members: list[int]) -> int:
-        return max(members, key=lambda s: (float(score[s]), -costs[s]))  # ties: the cheaper
-
-    everything = sorted((s for g in groups for s in g), key=lambda s: (costs[s], s))
-    if budgets is None:
-        budgets = [max(costs[s] for s in g) for g in groups]
-    else:
-        check_budgets(budgets, [costs[s] for s in everything], RAW)
-    out = []
-    for b in budgets:
-        if within == "group":
-            members = next(m for g in reversed(groups) if (m := [s for s in g if costs[s] <= b]))
-        else:
-            members = [s for s in everything if costs[s] <= b]
-        out.append(Choice(float(b), best(members), members))
-    return out
-
-
 def _anchor_class(family: str) -> type[Anchor]:
     from .families import (
         anchor_class,  # the family registry (imported late: families imports transformers)
@@ -182,14 +139,11 @@ class DeployedStitch(nn.Module):
 
             with quiet_transformers():  # no "Writing model shards" bar per deployed model
                 self.front.to_transformers(self.meta.get("classes")).save_pretrained(folder)
-            if self.front.family == "vision":
-                write_json(folder / "preprocessor_config.json", self.front.preprocessor_config())
+            self.front.write_processor_files(folder, normalize=True)
         else:
             atomic_write(folder / WEIGHTS_NAME, lambda p: save_file(tensors, str(p)))
             # the same weights as a transformers model of esta's registered type (``config.json``): after
             # ``import esta`` the Auto classes, pipeline and generate() take the folder (see esta.hf_native)
-            from .hf_native import write_transformers_files
-
             write_transformers_files(folder, config, self.front, self.meta.get("classes"))
         write_json(folder / CONFIG_NAME, config)  # last: a folder with a config holds whole weights
         return folder
@@ -271,6 +225,23 @@ class DeployedStitch(nn.Module):
                 end = ecls.build_part(espec, s.end_first, _depth(espec) - 1, False, True)
                 layer = StitchingLayer(*cfg["stitching"])
         return cls(s, front, end, layer, cfg.get("meta"))
+
+
+def hf_config(esta_config: dict, classes: list[str] | None = None):
+    """The transformers config of a deployed stitch described by ``esta_stitch.json``'s content (its class is
+    the front anchor's family's: ``Anchor.stitch_config``)."""
+    parts = {"stitch": esta_config["stitch"], "front": esta_config["front"], "end": esta_config["end"],
+             "stitching": esta_config["stitching"], "esta_dtype": esta_config.get("dtype", "float32"),
+             "esta_meta": esta_config.get("meta", {})}
+    return _anchor_class(esta_config["front"]["family"]).stitch_config(parts, esta_config, classes)
+
+
+def write_transformers_files(folder: Path, esta_config: dict, front: Anchor, classes: list[str] | None) -> list[str]:
+    """Beside a deployed stitch's weights, what transformers reads: ``config.json`` of esta's registered type and
+    what the family adds (an image processor that only resizes and rescales: the model normalises inside).
+    Returns the names written."""
+    write_json(folder / "config.json", hf_config(esta_config, classes).to_dict())
+    return ["config.json", *front.write_processor_files(folder, normalize=False)]
 
 
 def _mismatch(cfg_path: Path, e: Exception) -> EstaError:

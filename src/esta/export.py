@@ -28,26 +28,15 @@ from .files import read_json
 log = logging.getLogger("esta.export")
 
 
-class _Tokens(nn.Module):
-    """A language stitch's no-cache forward: token ids and attention mask in, logits for every position out."""
+class _Graph(nn.Module):
+    """The stitch with the inputs an ONNX runtime user feeds (named by the front anchor's family)."""
 
-    def __init__(self, model: DeployedStitch) -> None:
+    def __init__(self, model: DeployedStitch, to_inputs) -> None:
         super().__init__()
-        self.model = model
+        self.model, self.to_inputs = model, to_inputs
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.model({"input_ids": input_ids, "attention_mask": attention_mask})
-
-
-class _Pixels(nn.Module):
-    """The stitch with a float [0, 1] input: what an ONNX runtime user feeds."""
-
-    def __init__(self, model: DeployedStitch) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.model(pixel_values)
+    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+        return self.model(self.to_inputs(*tensors))
 
 
 @contextmanager
@@ -75,31 +64,9 @@ def export_onnx(model_dir: str | Path, out: str | Path | None = None, tolerance:
     model = DeployedStitch.from_pretrained(model_dir).float().eval()
     front = model.front
     out = Path(out) if out else Path(model_dir) / "model.onnx"
-    batch = torch.export.Dim("batch", min=1, max=4096)
-    if front.family == "vision":
-        image = (front.num_channels, front.image_size, front.image_size)
-        wrapper: nn.Module = _Pixels(model).eval()
-        names = ["pixel_values"]
-        example = (torch.rand(2, *image, generator=torch.Generator().manual_seed(0)),)
-        check = (torch.rand(5, *image, generator=torch.Generator().manual_seed(1)),)  # another batch than traced
-        dynamic = {"pixel_values": {0: batch}}
-        shape = ("batch", *image)
-        real = None  # every output row means something
-    else:  # a language stitch: the no-cache forward over a dynamic batch and length
-        wrapper, names = _Tokens(model).eval(), ["input_ids", "attention_mask"]
-        vocab = int(front.config.vocab_size)
-
-        def tokens(b: int, t: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-            ids = torch.randint(0, vocab, (b, t), generator=torch.Generator().manual_seed(seed))
-            mask = torch.ones_like(ids)
-            mask[0, : t // 3] = 0  # a left-padded row: the mask must be honoured, not traced away
-            return ids, mask
-
-        example, check = tokens(2, 7, 0), tokens(3, 11, 1)
-        real = check[1].bool().numpy()  # a padded position's logits mean nothing: compare real tokens
-        length = torch.export.Dim("length", min=2, max=int(getattr(front.config, "max_position_embeddings", 4096)))
-        dynamic = {n: {0: batch, 1: length} for n in names}
-        shape = ("batch", "length")
+    io = front.onnx_io()
+    wrapper, names, example, check, real = _Graph(model, io.to_inputs).eval(), io.names, io.example, io.check, io.real
+    dynamic, shape = {"tensors": tuple(io.dynamic[n] for n in names)}, io.shape  # the wrapper's *tensors, in order
     try:
         with _quiet_exporter():
             program = torch.onnx.export(wrapper, example, dynamo=True, opset_version=opset, input_names=names,
@@ -128,8 +95,7 @@ def export_transformers(model_dir: str | Path) -> dict:
     """Give a folder deployed by an older esta (``esta_stitch.json`` + weights, no ``config.json``) the transformers
     config that deployments now carry, so the Auto classes and ``pipeline`` load it after ``import esta``. The
     weights are checked by loading them first and are not rewritten."""
-    from .deploy import CONFIG_NAME
-    from .hf_native import write_transformers_files
+    from .deploy import CONFIG_NAME, write_transformers_files
 
     folder = Path(model_dir)
     model = DeployedStitch.from_pretrained(folder)  # refuses a damaged or edited folder with one line

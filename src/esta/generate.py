@@ -95,3 +95,26 @@ def stream_text(model: Model, tokenizer, input_ids: torch.Tensor, max_new_tokens
         if not text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
             yield text[len(shown):]
             shown = text
+
+
+def chat(model: Model, tokenizer, max_new_tokens: int = 256, temperature: float = 0.0,
+         read: Callable[..., str] = input, write: Callable[..., None] = print, prompt: bool = True) -> list[dict]:
+    """A conversation on the terminal: each line read is a user turn, the reply streams as it is generated; an
+    empty line or end of input ends it (``read`` raising EOFError or StopIteration). ``prompt``: show "you>" and
+    "esta>". Returns the messages."""
+    messages: list[dict] = []
+    while True:
+        try:
+            line = (read("you> ") if prompt else read()).strip()
+        except (EOFError, StopIteration):
+            break
+        if not line:
+            break
+        messages.append({"role": "user", "content": line})
+        if prompt:
+            write("esta> ", end="", flush=True)
+        reply = "".join(write(p, end="", flush=True) or p for p in stream_text(
+            model, tokenizer, chat_prompt_ids(tokenizer, messages), max_new_tokens, temperature=temperature))
+        write()
+        messages.append({"role": "assistant", "content": reply})
+    return messages

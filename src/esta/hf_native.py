@@ -16,7 +16,6 @@ rotary table and masks, exactly as in esta's own generation.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,46 +23,23 @@ import torch.nn.functional as F
 from transformers import (
     DynamicCache,
     GenerationMixin,
-    PretrainedConfig,
     PreTrainedModel,
 )
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast, ImageClassifierOutput
 
-IMAGE_TYPE = "esta_image_stitch"
-CAUSAL_LM_TYPE = "esta_causal_lm_stitch"
+from .hf_config import (
+    CAUSAL_LM_ARCHITECTURE,
+    CAUSAL_LM_TYPE,
+    IMAGE_ARCHITECTURE,
+    IMAGE_TYPE,
+    StitchCausalLMConfig,
+    StitchConfig,
+    StitchImageConfig,
+)
 
-
-class _StitchConfig(PretrainedConfig):
-    """The parts of a deployed stitch, as ``esta_stitch.json`` records them (anchor specs, cut, stitching layer)."""
-
-    def __init__(self, stitch: dict | None = None, front: dict | None = None, end: dict | None = None,
-                 stitching: list[int] | None = None, esta_dtype: str = "float32", esta_meta: dict | None = None,
-                 **kwargs: Any) -> None:
-        self.stitch = stitch
-        self.front = front
-        self.end = end
-        self.stitching = stitching
-        self.esta_dtype = esta_dtype
-        self.esta_meta = esta_meta or {}
-        super().__init__(**kwargs)
-
-    def esta_config(self) -> dict:
-        return {"stitch": self.stitch, "front": self.front, "end": self.end, "stitching": self.stitching,
-                "dtype": self.esta_dtype}
-
-
-class StitchImageConfig(_StitchConfig):
-    model_type = IMAGE_TYPE
-
-
-class StitchCausalLMConfig(_StitchConfig):
-    model_type = CAUSAL_LM_TYPE
-
-    def __init__(self, use_cache: bool = True, **kwargs: Any) -> None:
-        self.use_cache = use_cache  # generate() reads it; transformers' base config no longer keeps it
-        super().__init__(**kwargs)
-
+__all__ = ["CAUSAL_LM_TYPE", "IMAGE_TYPE", "StitchCausalLMConfig", "StitchImageConfig", "StitchForImageClassification",
+           "StitchForCausalLM", "register"]
 
 class _StitchModel(PreTrainedModel):
     """The stitch's parts as one transformers model (state-dict keys ``front.*``, ``end.*``, ``stitching.*``, the
@@ -72,7 +48,7 @@ class _StitchModel(PreTrainedModel):
     base_model_prefix = "esta"
     _supports_sdpa = True
 
-    def __init__(self, config: _StitchConfig) -> None:
+    def __init__(self, config: StitchConfig) -> None:
         super().__init__(config)
         # late: deploy imports this module to write config.json
         from .deploy import DeployedStitch
@@ -86,13 +62,10 @@ class _StitchModel(PreTrainedModel):
         # Every weight comes from the saved file (a stitch is never initialised from scratch); only the buffers
         # that are not saved are rebuilt: the rotary tables (transformers' own rule) and an image anchor's
         # normalisation constants.
-        from .families.vision import VisionAnchor
+        from .families.base import Anchor
 
-        if isinstance(module, VisionAnchor):
-            c = module.num_channels
-            with torch.no_grad():
-                module._mean = torch.tensor(module.image_mean, dtype=torch.float32).view(1, c, 1, 1)
-                module._std = torch.tensor(module.image_std, dtype=torch.float32).view(1, c, 1, 1)
+        if isinstance(module, Anchor):
+            module.init_buffers()
         elif "RotaryEmbedding" in type(module).__name__:
             super()._init_weights(module)
 
@@ -175,39 +148,6 @@ class StitchForCausalLM(_StitchModel, GenerationMixin):
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache if use_cache else None)
 
 
-def hf_config(esta_config: dict, classes: list[str] | None = None) -> _StitchConfig:
-    """The transformers config of a deployed stitch described by ``esta_stitch.json``'s content."""
-    base = {"stitch": esta_config["stitch"], "front": esta_config["front"], "end": esta_config["end"],
-            "stitching": esta_config["stitching"], "esta_dtype": esta_config.get("dtype", "float32"),
-            "esta_meta": esta_config.get("meta", {})}
-    family = esta_config["front"]["family"]
-    if family == "vision":
-        n = (esta_config["end"] or esta_config["front"])["num_labels"]
-        labels = list(classes) if classes else [f"LABEL_{i}" for i in range(n)]
-        return StitchImageConfig(**base, architectures=[StitchForImageClassification.__name__],
-                                 id2label=dict(enumerate(labels)), label2id={c: i for i, c in enumerate(labels)},
-                                 dtype=base["esta_dtype"])
-    last = (esta_config["end"] or esta_config["front"])["config"]
-    first = esta_config["front"]["config"]
-    return StitchCausalLMConfig(**base, architectures=[StitchForCausalLM.__name__], vocab_size=last["vocab_size"],
-                                bos_token_id=first.get("bos_token_id"), eos_token_id=last.get("eos_token_id"),
-                                pad_token_id=first.get("pad_token_id"), tie_word_embeddings=False, use_cache=True,
-                                dtype=base["esta_dtype"])
-
-
-def write_transformers_files(folder: Path, esta_config: dict, front: Any, classes: list[str] | None) -> list[str]:
-    """Beside a deployed stitch's weights, what transformers reads: ``config.json`` of esta's registered type and,
-    for an image stitch, an image processor that only resizes and rescales (the model normalises inside). Returns
-    the names written."""
-    from .files import write_json
-
-    write_json(folder / "config.json", hf_config(esta_config, classes).to_dict())
-    if front.family != "vision":
-        return ["config.json"]
-    write_json(folder / "preprocessor_config.json", front.preprocessor_config(normalize=False))
-    return ["config.json", "preprocessor_config.json"]
-
-
 def register() -> None:
     """Make the Auto classes know esta's model types (what ``import esta`` arranges; safe to call twice)."""
     from transformers import (
@@ -224,58 +164,7 @@ def register() -> None:
         AutoModel.register(config, model, exist_ok=True)
 
 
+# the configs name these classes by string (esta.hf_config): keep the names in step
+assert StitchForImageClassification.__name__ == IMAGE_ARCHITECTURE
+assert StitchForCausalLM.__name__ == CAUSAL_LM_ARCHITECTURE
 register()  # importing this module registers (esta._register imports it when the Auto classes load)
-
-
-def model_card(esta_config: dict, point: dict, run: dict, command: str | None) -> str:
-    """A deployed folder's ``README.md``: what it is, what it costs, how it scored, how to load it, what made it.
-
-    ``point``: the deployed network's entry of the run's typed results (``results.json`` -> ``run`` ->
-    ``deployed``); ``run``: that section's other fields (task, metric, method, seed, steps)."""
-    from .budget import AXES
-    from .results import METRICS
-
-    stitch, front, end = esta_config["stitch"], esta_config["front"], esta_config["end"]
-    language = front["family"] == "causal-lm"
-    plain = esta_config.get("weights") == "transformers"  # a whole anchor saved as the plain transformers model
-    metric, axis = METRICS[run["metric"]], AXES[run["cost_axis"]]
-    if stitch["front"] == stitch["end"]:
-        what = f"anchor {front['source']} (all {front['config']['num_hidden_layers']} blocks), adapted to the task"
-    else:
-        what = (f"blocks 0-{stitch['front_last']} of {front['source']}, a linear stitching layer, then blocks "
-                f"{stitch['end_first']}-{end['config']['num_hidden_layers'] - 1} of {end['source']}")
-    value = metric.show(point.get("value"))
-    budget = point.get("budget")
-    if language:
-        imports = "AutoModelForCausalLM, AutoTokenizer"
-        use = ['model = AutoModelForCausalLM.from_pretrained(".")', 'tokenizer = AutoTokenizer.from_pretrained(".")',
-               'model.generate(**tokenizer("Hello", return_tensors="pt"), max_new_tokens=32)']
-    elif plain and front["config"].get("num_channels") == 1:
-        # a grey plain ViT/DeiT: pipeline() makes every image RGB, which it cannot take (esta's stitches can)
-        imports = "AutoImageProcessor, AutoModelForImageClassification"
-        use = ['model = AutoModelForImageClassification.from_pretrained(".")',
-               'processor = AutoImageProcessor.from_pretrained(".")',
-               'logits = model(**processor(grey_image, return_tensors="pt")).logits']
-    else:
-        imports = "pipeline"
-        use = ['classify = pipeline("image-classification", model=".")', "classify(image)"]
-    per = " per image" if axis.key == "flops" else ""
-    lines = [
-        "---", "library_name: transformers", f"pipeline_tag: {'text-generation' if language else 'image-classification'}",
-        "tags: [esta, stitchable-networks, model-stitching]", "---", "",
-        f"# {point.get('name', stitch.get('name', 'stitch'))}: a network deployed by esta for {run['task']}", "",
-        f"A stitched network from esta (Efficient Stitchable Task Adaptation): {what}.", "",
-        "| | |", "|---|---|",
-        f"| budget | {axis.show(budget) if budget is not None else '-'} |",
-        f"| cost | {axis.show(point['cost'])}{per} ({point['params'] / 1e6:.2f} M parameters) |",
-        f"| {metric.name} on held-out data | {value} |",
-        f"| method, seed, steps | {run['method']}, {run['seed']}, {run['steps']} |",
-        f"| chosen by | {run['deploy_by']} |", "",
-        "## Use", "", "```python",
-        "# a whole anchor: plain transformers, esta not needed" if plain else
-        "import esta  # registers esta's model types with the Auto classes (no trust_remote_code)",
-        f"from transformers import {imports}", "", *use, "```", "",
-    ]
-    if command:
-        lines += ["## Made by", "", "```bash", command, "```", ""]
-    return "\n".join(lines)

@@ -33,15 +33,16 @@ from .errors import EstaError
 
 @dataclass
 class SamplingConfig:
-    groups: int = 10  # G equal-width cost intervals
-    beta: float = 0.9  # moving-average factor
-    tau: float = 1.0  # temperature on the normalised scores
-    eps: float = 0.1  # uniform floor
-    uniform: bool = False  # ablation / SN-Net: ignore scores, sample uniformly inside the group
+    groups: int = 10  # budget groups: G intervals of the cost
+    beta: float = 0.9  # importance moving-average factor
+    tau: float = 1.0  # sampling temperature on the normalised importance scores
+    eps: float = 0.1  # uniform floor of the sampling distribution
+    uniform: bool = False  # ignore importance when sampling, uniform inside the group (ablation)
     by_group: bool = True  # False: SN-Net's sampler, one draw over all stitches (no budget groups)
     #: fraction of steps that train an anchor, drawn uniformly among the anchors (ours; 0 = the paper's sampler)
     anchor_share: float = 0.5
-    score: Literal["sum", "mean"] = "mean"  # Q(s) summed over the path's parameters (paper), or per parameter (ours)
+    #: importance |theta * grad| summed over the path's parameters (the paper's), or per parameter (ours)
+    score: Literal["sum", "mean"] = "mean"
     #: budget groups as equal-width intervals of the cost ("linear") or of its logarithm ("log", ours)
     spacing: Literal["linear", "log"] = "log"
 

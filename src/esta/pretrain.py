@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from transformers import ViTConfig, ViTForImageClassification
 
 from .data import load_image_task
+from .errors import EstaError
 from .evaluate import accuracy
 from .provenance import environment
 from .train import warmup_cosine
@@ -172,6 +173,9 @@ def pretrain(out_dir: str | Path, names: list[str] | None = None, config: Pretra
              progress: bool = True) -> list[dict]:
     out_dir = Path(out_dir)
     config = config or PretrainConfig()
+    unknown = [n for n in names or [] if n not in MINI_SHAPES]
+    if unknown:
+        raise EstaError(f"unknown model(s) {unknown}; choose from {list(MINI_SHAPES)}")
     if config.threads:
         torch.set_num_threads(config.threads)
     return [pretrain_one(n, out_dir, config, progress) for n in (names or list(MINI_SHAPES))]

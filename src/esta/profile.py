@@ -4,7 +4,7 @@ FLOPs say how much a network computes; a device's user cares about milliseconds.
 stitch from one set of weights, so profiling it measures exactly what ``esta serve`` will run: for each stitch,
 ``warmup`` untimed forwards, then the median of ``repeats`` timed ones, at a given batch size and thread count.
 The table then answers budgets in milliseconds (``esta serve`` requests with ``budget=12ms``,
-``serving.best_within(table, 12, key="latency_ms")``).
+``selection.best_within(table, 12, key="latency_ms")``).
 
 A language stitch has no single forward time (it grows with the text and its cache), so its latency is what a
 user of a text generator feels: **milliseconds per generated token**, the median of cached one-token decode steps
@@ -74,12 +74,30 @@ def decode_latency_ms(palette: Palette, stitch: int, batch_size: int = 1, prompt
     return statistics.median(times)
 
 
-def _latency(palette: Palette, batch_size: int, warmup: int, repeats: int, prompt_tokens: int):
-    """``stitch -> milliseconds``, as the palette's family measures it (per image forward, or per token)."""
-    if palette.anchors[0].family == "vision":
-        inputs = image_input(palette, batch_size)
-        return lambda s: stitch_latency_ms(palette, inputs, s, warmup, repeats)
+def _forward_timer(palette: Palette, batch_size: int, warmup: int, repeats: int, prompt_tokens: int):
+    inputs = image_input(palette, batch_size)
+    return lambda s: stitch_latency_ms(palette, inputs, s, warmup, repeats)
+
+
+def _token_timer(palette: Palette, batch_size: int, warmup: int, repeats: int, prompt_tokens: int):
     return lambda s: decode_latency_ms(palette, s, batch_size, prompt_tokens, warmup, repeats)
+
+
+#: how a palette of each modality (``Anchor.modality``) is timed, and the unit of the figure
+TIMERS = {"image": (_forward_timer, "ms per forward"), "text": (_token_timer, "ms per generated token")}
+
+
+def _timer(palette: Palette):
+    modality = palette.anchors[0].modality
+    if modality not in TIMERS:
+        raise EstaError(f"esta cannot time a palette of {modality or 'unknown'} inputs (it times "
+                        f"{', '.join(TIMERS)})")
+    return TIMERS[modality]
+
+
+def _latency(palette: Palette, batch_size: int, warmup: int, repeats: int, prompt_tokens: int):
+    """``stitch -> milliseconds``, as the palette's modality measures it (per image forward, or per token)."""
+    return _timer(palette)[0](palette, batch_size, warmup, repeats, prompt_tokens)
 
 
 def palette_latencies(palette: Palette, stitches: list[int], batch_size: int = 1, warmup: int = 3,
@@ -97,6 +115,15 @@ def palette_latencies(palette: Palette, stitches: list[int], batch_size: int = 1
     return {s: timer(s) for s in tqdm(stitches, desc="timing stitches", disable=not progress, leave=False)}
 
 
+def summary_line(table: dict, folder: str | Path) -> str:
+    """One line on a profiled table: how many stitches, the fastest and the slowest, how they were timed."""
+    rows = sorted((r for r in table["stitches"] if r["latency_ms"] is not None), key=lambda r: r["latency_ms"])
+    lat = table["latency"]
+    return (f"{len(rows)} stitches at batch {lat['batch_size']}, {lat['threads']} threads ({lat['processor']}): "
+            f"{rows[0]['latency_ms']:.2f} ms ({rows[0]['name']}) to {rows[-1]['latency_ms']:.2f} ms "
+            f"({rows[-1]['name']}), {lat['unit']}; written to {Path(folder) / TABLE}")
+
+
 def profile_palette(folder: str | Path, batch_size: int = 1, threads: int | None = None, warmup: int = 3,
                     repeats: int = 20, progress: bool = True, prompt_tokens: int = PROMPT_TOKENS) -> dict:
     """Measure every servable stitch of the saved palette in ``folder`` and write ``latency_ms`` into each row of
@@ -108,7 +135,8 @@ def profile_palette(folder: str | Path, batch_size: int = 1, threads: int | None
     if warmup < 0 or (threads is not None and threads < 1):
         raise EstaError(f"warm-up must be >= 0 and threads >= 1, got {warmup} and {threads}")
     palette, table = load_palette(folder)
-    language = palette.anchors[0].family != "vision"
+    unit = _timer(palette)[1]
+    per_token = palette.anchors[0].modality == "text"
     before = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
@@ -121,8 +149,7 @@ def profile_palette(folder: str | Path, batch_size: int = 1, threads: int | None
         env = environment()
         table["latency"] = {"batch_size": batch_size, "threads": torch.get_num_threads(), "warmup": warmup,
                             "repeats": repeats, "statistic": "median",
-                            "unit": "ms per generated token" if language else "ms per forward",
-                            **({"prompt_tokens": prompt_tokens} if language else {}),
+                            "unit": unit, **({"prompt_tokens": prompt_tokens} if per_token else {}),
                             "processor": env["processor"], "gpu": env["gpu"], "torch": env["torch"],
                             "esta": env["esta"]}
     finally:

@@ -31,16 +31,17 @@ BiasMode = Literal["per-stitch", "shared", "none"]
 class PSTConfig:
     """What PST adapts. Defaults are docs/method.md's (rank 8 / alpha 16 on q/k/v; rank 16 on stitching layers)."""
 
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
+    lora_rank: int = 8  # LoRA rank on the blocks
+    lora_alpha: float = 16.0  # LoRA alpha on the blocks
     #: names of the linear layers inside each block to adapt; empty = the family's default (q/k/v projections)
     lora_targets: tuple[str, ...] = ()
-    stitch_lora_rank: int = 16
-    stitch_lora_alpha: float = 16.0
+    stitch_lora_rank: int = 16  # LoRA rank on the stitching layers
+    stitch_lora_alpha: float = 16.0  # LoRA alpha on the stitching layers
     #: "per-stitch" (ESTA), "shared" (one bias for all stitches: the ablation), "none"
     bias: BiasMode = "per-stitch"
-    #: targets that get no bias: a bias on the keys adds ``q.b`` to every score of query ``q``, which the softmax
-    #: cancels, so its gradient is exactly zero and Adam would only random-walk float noise into it
+    # a bias on the keys adds ``q.b`` to every score of query ``q``, which the softmax cancels, so its gradient is
+    # exactly zero and Adam would only random-walk float noise into it
+    #: targets that get no stitch-specific bias
     no_bias_targets: tuple[str, ...] = ("k_proj", "key")
     #: SN-Net direct adaptation: no LoRA, no biases; anchors and stitching layers are fully trainable
     full_finetune: bool = False

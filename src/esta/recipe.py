@@ -11,20 +11,18 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from .budget import check_budgets, parse_budgets
-from .calibration import CalibrationConfig
+from .config import RecipeConfig, read_config_file  # noqa: F401 - re-exported for existing imports
 from .cost import count_costs
-from .deploy import CONFIG_NAME, Choice, DeployedStitch, choose
+from .deploy import CONFIG_NAME, DeployedStitch
 from .errors import EstaError
-from .families import MINI_FAMILY
 from .files import (
     claim_for_all,
     is_main_process,
@@ -35,131 +33,13 @@ from .files import (
     write_json,
     write_text,
 )
-from .importance import SamplingConfig, budget_groups
 from .methods import get_method
 from .palette import Palette
 from .provenance import environment
-from .pst import PSTConfig
-from .train import TrainConfig, TrainResult, train, untrained_result
+from .selection import DEPLOY_RULES, Choice, default_budgets, select  # noqa: F401 - re-exported
+from .train import train, untrained_result
 
 log = logging.getLogger("esta")
-
-DEPLOY_RULES = ("importance", "loss", "validation")
-
-
-@dataclass
-class RecipeConfig:
-    """The settings every Task shares; each Task's config adds its own (see ``esta.tasks``)."""
-
-    anchors: list[str] = field(default_factory=lambda: [MINI_FAMILY])
-    data: str = "animal-shapes"
-    out_dir: str = "runs/demo"
-    method: str = "esta"  # see methods.METHODS: esta, esta-uniform, esta-shared-bias, snnet, anchors-lora, ...
-    kernel: int = 2
-    stride: int = 1
-    pairing: str = "nearest"
-    two_way: bool = False
-    #: "per-window": the cuts of a window share one stitching layer (SN-Net); "per-cut": one layer per cut (ours;
-    #: measured in esta.space)
-    stitch_layers: str = "per-cut"
-    #: stitching layers with an offset per token position where the family has fixed positions (ViT; ours;
-    #: measured in esta.stitching); ignored by families without fixed positions (LLMs)
-    stitch_offsets: bool = True
-    #: end-anchor calibration of the stitching layers after least squares (ours; steps=0: off)
-    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
-    pst: PSTConfig = field(default_factory=PSTConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    #: in the Task's cost unit (GFLOPs for images, millions of parameters for LMs) or with a unit ("300M");
-    #: None: one deployment per budget group
-    budgets: list[float | str] | None = None
-    calibration_examples: int = 64  # examples the stitching layers' least-squares fit sees
-    #: how ESTA and its ablations pick one stitch per budget (the baselines always use validation): "validation"
-    #: (the Task's held-out metric), "loss" (ours, one-stage: the lowest moving-average training loss) or
-    #: "importance" (the paper's one-stage rule)
-    deploy_by: str = "validation"
-    validation_examples: int = 500  # held out, never trained on: what "validation" looks at
-    resume: bool = False  # continue the run in out_dir from its checkpoint (same settings)
-    overwrite: bool = False  # replace a run already in out_dir, whole
-    progress: bool = True
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "RecipeConfig":
-        """The config a dict describes (e.g. ``run.json["config"]``); unknown keys are refused, missing ones keep
-        their defaults."""
-        def build(kind, values: dict, where: str, nested: dict | None = None, make=None):
-            if not isinstance(values, dict):
-                raise EstaError(f"config {where or 'file'}: expected a mapping, got {type(values).__name__}")
-            unknown = sorted(set(values) - {f.name for f in fields(kind)})
-            if unknown:
-                raise EstaError(f"config {where or 'file'}: unknown settings {unknown}")
-            kw = {k: (nested[k](v) if k in (nested or {}) else v) for k, v in values.items()}
-            return make(kw) if make else kind(**kw)
-
-        sampling = lambda v: build(SamplingConfig, v, "train.sampling")  # noqa: E731
-        train_cfg = lambda v: build(TrainConfig, v, "train", {"sampling": sampling})  # noqa: E731
-        pst = lambda v: build(PSTConfig, v, "pst", make=PSTConfig.from_dict)  # noqa: E731
-        calibration = lambda v: build(CalibrationConfig, v, "calibration")  # noqa: E731
-        return build(cls, d, "", {"train": train_cfg, "pst": pst, "calibration": calibration})
-
-    @classmethod
-    def from_file(cls, path: str | Path) -> "RecipeConfig":
-        """A config from JSON or YAML: a run's ``run.json`` (its ``config``) replays that run."""
-        return cls.from_dict(read_config_file(path)[0])
-
-    def deploy_rule(self) -> str:
-        """The baselines deploy by validation; ESTA and its ablations by ``deploy_by``."""
-        method = get_method(self.method)
-        return self.deploy_by if method.deploy_by == "importance" else method.deploy_by
-
-    def check(self) -> None:
-        """Everything that can be refused without loading a model or a dataset, refused here, before both."""
-        get_method(self.method)
-        for name, v in (("kernel", self.kernel), ("stride", self.stride),
-                        ("calibration examples", self.calibration_examples)):
-            if v < 1:
-                raise EstaError(f"{name} must be at least 1, got {v}")
-        if self.validation_examples < 0:
-            raise EstaError(f"validation examples must be >= 0, got {self.validation_examples}")
-        if self.deploy_by not in DEPLOY_RULES:
-            raise EstaError(f"deploy_by must be one of {list(DEPLOY_RULES)}, got {self.deploy_by!r}")
-        if self.deploy_rule() == "validation" and self.validation_examples < 1:
-            raise EstaError(f"{self.method} deploys by validation: give --validation-examples >= 1")
-        if self.budgets is not None:
-            from .tasks import task_class
-
-            parse_budgets(self.budgets, task_class(self).axis)  # refuses a malformed or non-positive budget
-            if not self.budgets:
-                raise EstaError("budgets: give at least one, or none for one per budget group")
-        if self.stitch_layers not in ("per-window", "per-cut"):
-            raise EstaError(f"stitch_layers must be 'per-window' or 'per-cut', got {self.stitch_layers!r}")
-        self.calibration.check()
-        self.pst.check()
-        self.train.check()
-
-
-def read_config_file(path: str | Path) -> tuple[dict, str | None]:
-    """The settings in a JSON or YAML file, and the Task they belong to when the file says (a run's ``run.json``
-    records its ``task_kind``)."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text)
-        else:
-            data = json.loads(text)
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise EstaError(f"cannot read config {path}: {e}") from e
-    except Exception as e:  # yaml.YAMLError (yaml is imported only for YAML files)
-        raise EstaError(f"cannot read config {path}: {' '.join(str(e).split())}") from e
-    if isinstance(data, dict) and isinstance(data.get("config"), dict) and "space" in data:
-        return data["config"], data.get("task_kind")  # a run.json
-    return data, None
-
 
 #: settings a resumed run may change: they decide what is shown, kept or deployed, not what is trained (the
 #: deployment rule only chooses among the trained stitches, so a finished run can be resumed to deploy another way)
@@ -181,10 +61,10 @@ def _flat(d: dict, prefix: str = "") -> dict:
 def check_resumable(out: Path, config: RecipeConfig) -> None:
     """Refuse to resume with settings that differ from the checkpointed run's (other than RESUMABLE_CHANGES):
     the result would be neither run. Names every difference."""
-    try:
-        before = _flat(read_json(out / "run.json")["config"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise EstaError(f"cannot resume: {out / 'run.json'} is missing or damaged ({e})") from e
+    run = read_json(out / "run.json")  # missing or not JSON: one line naming the file
+    if not isinstance(run, dict) or not isinstance(run.get("config"), dict):
+        raise EstaError(f"cannot resume: {out / 'run.json'} is damaged (no config in it)")
+    before = _flat(run["config"])
     now = _flat(json.loads(json.dumps(config.to_dict())))  # through JSON, as run.json was written
     diff = [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(before) | set(now))
             if k not in RESUMABLE_CHANGES and k in before and before.get(k) != now.get(k)]
@@ -285,45 +165,13 @@ def write_model_cards(dirs: list[Path], results: dict) -> None:
     import shlex
     import sys
 
-    from .hf_native import model_card
+    from .report import model_card
 
     run_info = results.get("run") or {}
     command = "esta " + shlex.join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith(("esta", "cli.py")) else None
     for folder, point in zip(dirs, run_info.get("deployed", [])):
         esta_config = read_json(Path(folder) / CONFIG_NAME, "deployment")
         write_text(Path(folder) / "README.md", model_card(esta_config, point, run_info, command))
-
-
-def default_budgets(palette: Palette, costs: list[float], sampling: SamplingConfig) -> list[float]:
-    """One budget per budget group (its costliest stitch) and one at each anchor's own cost: a user who would have
-    deployed an anchor gets a network of exactly that cost to compare with."""
-    tops = {max(costs[s] for s in g) for g in budget_groups(costs, sampling.groups, sampling.spacing)}
-    return sorted(tops | {costs[s] for s in palette.space.anchor_ids()})
-
-
-def select(deploy_by: str, palette: Palette, result: TrainResult, costs: list[float], budgets: list[float] | None,
-           task, sampling: SamplingConfig, progress: bool = True) -> tuple[list[Choice], dict[int, float]]:
-    """One stitch per budget, and the validation scores it looked at (empty unless it deploys by validation).
-
-    Budgets: the given ones, else the Task's defaults (``Task.default_budgets``). ``importance`` (the paper's
-    one-stage rule): the highest importance inside the budget's group; importance only compares stitches of
-    similar cost. ``loss`` (ours, also one-stage): the lowest moving-average training loss among all trained
-    stitches within the budget. ``validation``: the best score on the Task's held-out examples (accuracy, or minus
-    the perplexity), among the stitches of the budget (``Task.validation_within``).
-    """
-    if deploy_by not in DEPLOY_RULES:
-        raise EstaError(f"unknown deployment rule {deploy_by!r}; choose from {', '.join(DEPLOY_RULES)}")
-    if budgets is None:
-        budgets = task.default_budgets(palette, costs, sampling)
-    if deploy_by == "importance":
-        return choose(result.groups, costs, result.importance, budgets), {}
-    if deploy_by == "loss":
-        score = [-v if v is not None else -math.inf for v in result.train_loss]
-        return choose(result.groups, costs, score, budgets, within="budget"), {}
-    scores = task.validation_scores(palette, result.groups, progress)
-    # a stitch the Task did not score (e.g. alone in its group: nothing to choose among) ranks last
-    ranked = [scores.get(s, -math.inf) for s in range(len(palette))]
-    return choose(result.groups, costs, ranked, budgets, within=task.validation_within), scores
 
 
 def export_choices(palette: Palette, choices: list[Choice], out: Path, meta: Callable[[Choice], dict[str, Any]],

@@ -204,3 +204,46 @@ def plot_lm(results: dict, path: Path) -> None:
         ax.legend(fontsize=7)
     fig.tight_layout()
     atomic_write(path, lambda p: fig.savefig(p, format=path.suffix.lstrip(".") or "png"))
+
+
+def model_card(esta_config: dict, point: dict, run: dict, command: str | None) -> str:
+    """A deployed folder's ``README.md``: what it is, what it costs, how it scored, how to load it, what made it.
+
+    ``point``: the deployed network's entry of the run's typed results (``results.json`` -> ``run`` ->
+    ``deployed``); ``run``: that section's other fields (task, metric, method, seed, steps)."""
+    from .budget import AXES
+    from .results import METRICS
+
+    stitch, front, end = esta_config["stitch"], esta_config["front"], esta_config["end"]
+    plain = esta_config.get("weights") == "transformers"  # a whole anchor saved as the plain transformers model
+    metric, axis = METRICS[run["metric"]], AXES[run["cost_axis"]]
+    if stitch["front"] == stitch["end"]:
+        what = f"anchor {front['source']} (all {front['config']['num_hidden_layers']} blocks), adapted to the task"
+    else:
+        what = (f"blocks 0-{stitch['front_last']} of {front['source']}, a linear stitching layer, then blocks "
+                f"{stitch['end_first']}-{end['config']['num_hidden_layers'] - 1} of {end['source']}")
+    value = metric.show(point.get("value"))
+    budget = point.get("budget")
+    from .families import anchor_class
+
+    tag, imports, use = anchor_class(front["family"]).card_usage(front, plain)
+    per = " per image" if axis.key == "flops" else ""
+    lines = [
+        "---", "library_name: transformers", f"pipeline_tag: {tag}",
+        "tags: [esta, stitchable-networks, model-stitching]", "---", "",
+        f"# {point.get('name', stitch.get('name', 'stitch'))}: a network deployed by esta for {run['task']}", "",
+        f"A stitched network from esta (Efficient Stitchable Task Adaptation): {what}.", "",
+        "| | |", "|---|---|",
+        f"| budget | {axis.show(budget) if budget is not None else '-'} |",
+        f"| cost | {axis.show(point['cost'])}{per} ({point['params'] / 1e6:.2f} M parameters) |",
+        f"| {metric.name} on held-out data | {value} |",
+        f"| method, seed, steps | {run['method']}, {run['seed']}, {run['steps']} |",
+        f"| chosen by | {run['deploy_by']} |", "",
+        "## Use", "", "```python",
+        "# a whole anchor: plain transformers, esta not needed" if plain else
+        "import esta  # registers esta's model types with the Auto classes (no trust_remote_code)",
+        f"from transformers import {imports}", "", *use, "```", "",
+    ]
+    if command:
+        lines += ["## Made by", "", "```bash", command, "```", ""]
+    return "\n".join(lines)

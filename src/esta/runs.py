@@ -202,3 +202,54 @@ def _language_validation(results: dict, palette: Palette) -> dict[int, float]:
         if p.get("validation") is not None and p.get("name") in ids:
             out.setdefault(ids[p["name"]], p["validation"])
     return out
+
+
+def deployed_lm(model_dir: str | None = None, run_dir: str | None = None, budget: str | None = None):
+    """A deployed language stitch and its tokenizer: ``model_dir``, or the costliest deployed stitch of the run
+    ``run_dir`` within ``budget`` (millions of parameters, or with a unit: ``1.2B``). Returns (model, tokenizer,
+    folder)."""
+    from transformers import AutoTokenizer
+
+    from .budget import PARAMS, Budget
+    from .deploy import DeployedStitch
+    from .selection import deployed_within
+
+    folder = model_dir
+    if folder is None:
+        if run_dir is None or budget is None:
+            raise EstaError("give --model DEPLOYED_FOLDER, or --run RUN_FOLDER and --budget MILLIONS_OF_PARAMETERS")
+        folder = str(deployed_within(run_dir, Budget.parse(budget, PARAMS).value, PARAMS))
+    model = DeployedStitch.from_pretrained(folder)
+    if model.front.modality != "text":
+        raise EstaError(f"{folder} is not a language-model stitch")
+    return model, AutoTokenizer.from_pretrained(folder, trust_remote_code=False), folder
+
+
+def evaluate_deployed(model_dir: str, data: str, seed: int = 0, examples: int = 0, max_length: int = 256,
+                      progress: bool = True) -> dict:
+    """A deployed stitch on a task: an image stitch's accuracy on the test split of ``data`` (split by ``seed``),
+    or a language stitch's perplexity on the Alpaca/ShareGPT records of ``data`` (the first ``examples``; 0: all)."""
+    from .deploy import DeployedStitch
+
+    model = DeployedStitch.from_pretrained(model_dir)
+    front = model.front
+    if front.modality == "text":
+        from transformers import AutoTokenizer
+
+        from .instruct import load_records, record_text
+        from .lm_eval import perplexity, text_batches
+
+        records = load_records(data)[: examples or None]
+        tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+        batches = text_batches(tok, [record_text(r) for r in records], max_length)
+        ppl = perplexity(model, batches, progress, "perplexity")["perplexity"]
+        return {"model": model_dir, "data": data, "examples": len(records), "perplexity": ppl}
+    from .data import load_image_task
+    from .evaluate import accuracy
+
+    task = load_image_task(data, image_size=front.image_size, num_channels=front.num_channels, seed=seed)
+    classes = model.meta.get("classes")
+    if classes is not None and len(classes) != len(task.classes):
+        raise EstaError(f"{model_dir} predicts {len(classes)} classes but {data} has {len(task.classes)}")
+    return {"model": model_dir, "data": data, "examples": len(task.test),
+            "accuracy": accuracy(model, task.test, progress=progress)}

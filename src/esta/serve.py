@@ -31,7 +31,8 @@ import torch
 
 from .budget import FLOPS, PARAMS, Budget, CostAxis, parse_any
 from .errors import EstaError
-from .serving import best_within, load_palette
+from .selection import best_within
+from .serving import load_palette
 
 MAX_BYTES = 10 * 2**20
 MAX_NEW_TOKENS = 1024
@@ -44,9 +45,11 @@ def create_app(palette_dir: "str | Path", max_bytes: int = MAX_BYTES):
         raise EstaError(f"esta serve needs the serve extra ({e.name} is missing): pip install 'esta[serve]'") from e
 
     palette, table = load_palette(palette_dir)
-    family = palette.anchors[0].family
-    if family not in ("vision", "causal-lm"):
-        raise EstaError(f"{palette_dir} is a {family} palette: esta serve classifies images and generates text")
+    family, modality = palette.anchors[0].family, palette.anchors[0].modality
+    routes = {"image": _image_routes, "text": _text_routes}  # by what a forward takes, whatever the family
+    if modality not in routes:
+        raise EstaError(f"{palette_dir} is a {family} palette of {modality or 'unknown'} inputs: esta serve "
+                        f"classifies images and generates text")
     # Each forward selects its own stitch (per thread), so concurrent forwards would be correct; the lock only keeps
     # them one at a time, because torch already spreads one forward over the cores and two at once thrash them.
     lock = threading.Lock()
@@ -64,10 +67,7 @@ def create_app(palette_dir: "str | Path", max_bytes: int = MAX_BYTES):
         return {"task": table.get("task"), "family": family, "score": table.get("score", "accuracy"),
                 "classes": table.get("classes"), "stitches": table["stitches"]}
 
-    if family == "vision":
-        _image_routes(app, palette, table, lock, max_bytes)
-    else:
-        _text_routes(app, palette, table, lock, max_bytes, Path(palette_dir))
+    routes[modality](app, palette, table, lock, max_bytes, Path(palette_dir))
     return app
 
 
@@ -88,7 +88,7 @@ def _pick(table: dict, budget: "str | None", number: "float | None", axis: CostA
         raise HTTPException(422, str(e)) from e
 
 
-def _image_routes(app, palette, table: dict, lock: threading.Lock, max_bytes: int) -> None:
+def _image_routes(app, palette, table: dict, lock: threading.Lock, max_bytes: int, folder: Path) -> None:
     from fastapi import HTTPException, Query, Request
     from fastapi.responses import JSONResponse
     from PIL import Image, UnidentifiedImageError

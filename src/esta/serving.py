@@ -28,8 +28,6 @@ FORMAT = "esta-palette"
 WEIGHTS = "palette.safetensors"
 TABLE = "palette.json"
 _LORA = ("lora_A", "lora_B")
-#: what a palette's table measures per stitch, by family, and whether higher is better
-SCORES = {"vision": ("accuracy", True), "causal-lm": ("perplexity", False)}
 
 
 def fold_palette_(palette: Palette) -> Palette:
@@ -63,9 +61,9 @@ def save_palette(palette: Palette, folder: str | Path, *, space_args: dict, stit
     atomic_write(folder / WEIGHTS, lambda p: save_file(state, str(p)))
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
-    family = palette.anchors[0].family
     write_json(folder / TABLE, {
-        "format": FORMAT, "version": 1, "task": task, "family": family, "score": SCORES[family][0],
+        "format": FORMAT, "version": 1, "task": task, "family": palette.anchors[0].family,
+        "score": palette.anchors[0].score,
         "classes": classes,
         "anchors": [a.spec() for a in palette.anchors], "space": space_args, "pst": palette.pst.to_dict(),
         "dtype": str(weight_dtype(palette.anchors[0].blocks)).removeprefix("torch."),
@@ -110,25 +108,3 @@ def load_palette(folder: str | Path) -> tuple[Palette, dict]:
                         f"unknown (e.g. {(missing or unexpected)[0]})")
     palette.requires_grad_(False)
     return palette.eval(), table
-
-
-def best_within(table: dict, budget: float, key: str = "flops") -> dict:
-    """Among the servable rows within ``budget`` of ``key``, the one with the best measured score (the table's
-    ``score``: highest accuracy, or lowest perplexity), the costliest where none was measured; an EstaError naming
-    the cheapest cost when none fits. Rows marked ``servable: False`` (a language stitch screened out before
-    training) are never chosen."""
-    score = table.get("score", "accuracy")
-    higher = dict(SCORES.values()).get(score, True)
-    rows = [r for r in table["stitches"] if r.get("servable", True) and r.get(key) is not None]
-    if not rows:
-        raise EstaError(f"this palette's table has no {key} costs")
-    fits = [r for r in rows if r[key] <= budget]
-    if not fits:
-        raise EstaError(f"no stitch fits a budget of {budget:g} {key}: the cheapest costs "
-                        f"{min(r[key] for r in rows):g}")
-
-    def rank(r: dict) -> tuple:
-        v = r.get(score)
-        return (v is not None, (v if higher else -v) if v is not None else 0.0, r[key])
-
-    return max(fits, key=rank)

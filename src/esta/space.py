@@ -107,6 +107,13 @@ class StitchSpace:
             "stitches": [asdict(s) for s in self.stitches],
         }
 
+    def describe(self) -> str:
+        """How many stitches and stitching layers, in all and per anchor pair."""
+        d = self.to_dict()
+        return "\n".join([f"{d['count']} stitches ({d['anchors']} anchors), {d['stitching_layers']} stitching layers",
+                          *(f"  anchors {pair}: {v['stitches']} stitches, {v['stitching_layers']} stitching layers"
+                            for pair, v in d["pairs"].items())])
+
     def to_json(self, **kw) -> str:
         return json.dumps(self.to_dict(), **kw)
 

@@ -39,37 +39,40 @@ LossFn = Callable[[Callable[..., torch.Tensor], Any, int], torch.Tensor]
 @dataclass
 class TrainConfig:
     epochs: float = 30.0  # passes over the training set (all stitches together)
-    steps: int | None = None  # overrides epochs when given
-    batch_size: int = 64
-    #: None: the method's own rate, resolved by ``esta.run`` (ESTA 2e-3, SN-Net 1e-4: ``methods.py``), so the Python
-    #: API and ``esta train`` train at the same rate; ``esta.train`` called directly uses ESTA's
+    steps: int | None = None  # training steps (overrides epochs when given)
+    batch_size: int = 64  # examples per step
+    # None is resolved by ``esta.run`` (ESTA 2e-3, SN-Net 1e-4: ``methods.py``), so the Python API and ``esta
+    # train`` train at the same rate; ``esta.train`` called directly uses ESTA's
+    #: learning rate (none: the method's own)
     lr: float | None = None
     weight_decay: float = 1e-4  # on LoRA and head weights; never on biases
-    warmup_steps: int = 20
-    #: the new task heads' learning rate as a multiple of ``lr``. A head that starts as a linear probe is already
-    #: good; at the full rate its first Adam steps (about ``lr`` per weight, whatever the gradient's size) undo
-    #: part of the probe before the trunk has adapted (LP-FT, Kumar et al. 2022, tunes after probing gently)
+    warmup_steps: int = 20  # linear warm-up of the learning rate
+    # A head that starts as a linear probe is already good; at the full rate its first Adam steps (about ``lr`` per
+    # weight, whatever the gradient's size) undo part of the probe before the trunk has adapted (LP-FT, Kumar et
+    # al. 2022, tunes after probing gently)
+    #: the new task heads' learning rate as a multiple of the learning rate
     head_lr_scale: float = 1.0
-    seed: int = 0
+    seed: int = 0  # seeds data order, stitch sampling and new heads
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    #: initialise I(s) from one scoring batch before training (DESIGN's reading of the paper). Off by default (ours):
-    #: it costs a forward and backward of every stitch (71 for Ti/S/B, ~12 % of the demo's steps), and unscored
-    #: stitches are already sampled as if they had their group's highest score, so each is tried early anyway
+    # Off by default (ours): it costs a forward and backward of every stitch (71 for Ti/S/B, ~12 % of the demo's
+    # steps), and unscored stitches are already sampled as if they had their group's highest score, so each is
+    # tried early anyway
+    #: score every stitch's importance on one batch before training (a reading of the paper)
     score_init_batch: bool = False
-    #: stitches trained per step, each on its own 1/K of the batch (ours, not the paper's: one stitch per step is
-    #: the paper's). A step then updates K stitches for about the price of one full-batch step (same examples, K
-    #: smaller forwards), so each anchor gets K times the updates. Measured at 150 steps (README): K=4 raised the
-    #: mean deployed test accuracy by 1.5-4.4 points in 5 of 5 runs on three tasks, for 1.04-1.19x the training
-    #: time; not yet the default (the bench and the demo were measured at 1)
+    # A step then updates K stitches for about the price of one full-batch step (same examples, K smaller
+    # forwards), so each anchor gets K times the updates. Measured at 150 steps (docs/method.md): K=4 raised the
+    # mean deployed test accuracy by 1.5-4.4 points in 5 of 5 runs on three tasks, for 1.04-1.19x the training time
+    #: stitches trained per step, each on its own 1/K of the batch (ours; the paper's is 1)
     stitches_per_step: int = 1
-    #: in-place distillation (ours, beyond the paper): a stitch's loss is ``(1 - distill) * task loss + distill *
-    #: T^2 KL(end anchor || stitch)`` on the same batch, the teacher being the palette's own end anchor (current
-    #: shared LoRA and head, detached: no extra model). An anchor's loss is its task loss alone
+    # a stitch's loss is ``(1 - distill) * task loss + distill * T^2 KL(end anchor || stitch)`` on the same batch,
+    # the teacher being the palette's own end anchor (current shared LoRA and head, detached: no extra model). An
+    # anchor's loss is its task loss alone
+    #: weight of in-place distillation from each stitch's end anchor in its loss, 0-1 (ours)
     distill: float = 0.0
-    distill_temperature: float = 1.0
+    distill_temperature: float = 1.0  # distillation temperature
     #: compute the SNIP score after every backward; methods that neither sample nor deploy by importance skip it
     track_importance: bool = True
-    checkpoint_every: int = 200  # steps; 0 = only at the end
+    checkpoint_every: int = 200  # steps between checkpoints (0: only at the end)
     log_every: int = 10  # steps between lines of OUT/loss.jsonl (0: none)
     num_workers: int = 0
 
@@ -239,16 +242,81 @@ def rss_mb() -> float:
         return 0.0
 
 
+@dataclass
+class _Run:
+    """What the loop carries from its set-up to its end (one training run of a palette)."""
+
+    palette: Palette
+    config: TrainConfig
+    accelerator: Accelerator
+    model: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    sampler: ImportanceSampler
+    candidates: list[int]
+    groups: list[list[int]]
+    path_params: dict[int, list[torch.Tensor]]
+    end_anchor: list[int | None]  # each stitch's teacher when distilling (None for an anchor)
+    trainable: list[torch.Tensor]
+    total_steps: int
+    ckpt_dir: Path | None
+    start_step: int = 0
+    ema: float | None = None
+    seconds_before: float = 0.0  # training time before a restart
+    start_time: float = field(default_factory=time.perf_counter)
+    rss_start: float = field(default_factory=rss_mb)
+
+    def elapsed(self) -> float:  # the whole run's training time, across restarts
+        return self.seconds_before + time.perf_counter() - self.start_time
+
+
 def train(palette: Palette, train_set: Dataset, costs: list[float], config: TrainConfig, *,
           loss_fn: LossFn = classification_loss, out_dir: str | Path | None = None, resume: bool = False,
           accelerator: Accelerator | None = None, collate_fn: Callable | None = None,
           progress: bool = True, stitches: list[int] | None = None) -> TrainResult:
-    """Adapt the whole palette to ``train_set`` in one run (PST must already be applied).
+    """Adapt the whole palette to ``train_set`` in one run (PST must already be applied): set up, (score every
+    stitch once), then step after step, each checkpointed on schedule.
 
     ``costs``: one number per stitch (FLOPs, or parameters for LLMs) for the budget groups. ``stitches``: train only
     these (e.g. one anchor alone); default every stitch. Checkpoints go to ``out_dir/checkpoint`` every
     ``config.checkpoint_every`` steps; ``resume=True`` continues from there.
     """
+    run = _set_up(palette, len(train_set), costs, config, out_dir, resume, accelerator, stitches)
+
+    def loader(steps: int, start: int, seed: int) -> DataLoader:
+        batches = ResumableBatches(len(train_set), config.batch_size, steps, seed, start,
+                                   run.accelerator.process_index, run.accelerator.num_processes)
+        return DataLoader(train_set, batch_sampler=batches, num_workers=config.num_workers, collate_fn=collate_fn)
+
+    if config.score_init_batch and run.start_step == 0:
+        _score_every_stitch(run, next(iter(loader(1, 0, config.seed + 1))), loss_fn, progress)
+    main = run.accelerator.is_main_process
+    history = LossHistory(Path(out_dir) / "loss.jsonl" if out_dir is not None and config.log_every and main
+                          else None, run.start_step)
+    bar = tqdm(total=run.total_steps, initial=run.start_step, desc="training palette", disable=not progress or not main)
+    loss_value = float("nan")
+    for step, batch in enumerate(loader(run.total_steps, run.start_step, config.seed), start=run.start_step):
+        picked, loss_value = _step(run, batch, step, loss_fn)
+        run.ema = loss_value if run.ema is None else 0.95 * run.ema + 0.05 * loss_value
+        done = step + 1
+        shown = picked[0] if config.stitches_per_step == 1 else picked  # one stitch id, or the step's K
+        lr = run.scheduler.get_last_lr()[0]
+        bar.update(1)
+        bar.set_postfix(loss=f"{run.ema:.3f}", stitch=shown, lr=f"{lr:.1e}")
+        if config.log_every and (done % config.log_every == 0 or done == run.total_steps):
+            history.write({"step": done, "stitch": shown, "loss": loss_value, "loss_ema": run.ema, "lr": lr,
+                           "seconds": round(run.elapsed(), 3)})
+        if done == run.total_steps or (config.checkpoint_every and done % config.checkpoint_every == 0):
+            _checkpoint(run, done)
+    bar.close()
+    history.close()
+    run.accelerator.wait_for_everyone()
+    return _result(run, palette, loss_value)
+
+
+def _set_up(palette: Palette, examples: int, costs: list[float], config: TrainConfig, out_dir: str | Path | None,
+            resume: bool, accelerator: Accelerator | None, stitches: list[int] | None) -> _Run:
+    """The sampler over the budget groups, the optimizer and schedule, and the state of a checkpoint to resume."""
     if palette.pst is None:
         raise EstaError("apply PST (palette.apply_pst) before training")
     config.check()
@@ -259,9 +327,7 @@ def train(palette: Palette, train_set: Dataset, costs: list[float], config: Trai
     groups = candidate_groups(costs, config.sampling.groups, candidates, config.sampling.spacing)
     sampler = ImportanceSampler(groups, len(palette), config.sampling, seed=config.seed,
                                 anchors=palette.space.anchor_ids())
-    per_parameter = config.sampling.score == "mean"
-
-    steps_per_epoch = max(1, len(train_set) // config.batch_size)
+    steps_per_epoch = max(1, examples // config.batch_size)
     total_steps = config.steps if config.steps is not None else max(1, round(config.epochs * steps_per_epoch))
     optimizer = torch.optim.AdamW(_param_groups(palette, config.weight_decay, config.rate, config.head_lr_scale),
                                   lr=config.rate)
@@ -269,102 +335,91 @@ def train(palette: Palette, train_set: Dataset, costs: list[float], config: Trai
     # The scheduler stays out of prepare(): Accelerate would step it once per process per step, assuming it had
     # sharded the loader into fewer steps; our loader gives every process the same number of steps.
     model, optimizer = accelerator.prepare(palette, optimizer)
-
-    ckpt_dir = Path(out_dir) / "checkpoint" if out_dir is not None else None
-    start_step, seconds_before, ema = 0, 0.0, None
+    run = _Run(palette, config, accelerator, model, optimizer, scheduler, sampler, candidates, groups,
+               path_params={s: palette.path_parameters(s) for s in candidates}, end_anchor=palette.end_anchor_ids(),
+               trainable=[p for p in palette.parameters() if p.requires_grad], total_steps=total_steps,
+               ckpt_dir=Path(out_dir) / "checkpoint" if out_dir is not None else None,
+               start_time=start_time, rss_start=rss_start)
     if resume:
-        if ckpt_dir is None:
+        if run.ckpt_dir is None:
             raise EstaError("resume needs the run's output folder")
-        sampler_state, meta = load_checkpoint(ckpt_dir, palette, optimizer, scheduler)
+        sampler_state, meta = load_checkpoint(run.ckpt_dir, palette, optimizer, scheduler)
         sampler.load_state_dict(sampler_state)
-        start_step = int(meta["step"])
+        run.start_step = int(meta["step"])
         # the whole run's loss average and training time, not only the part after the restart
-        ema, seconds_before = meta.get("loss_ema"), float(meta.get("seconds", 0.0))
-        log.info("resumed from %s at step %d", ckpt_dir, start_step)
-
-    def loader(steps: int, start: int, seed: int) -> DataLoader:
-        batches = ResumableBatches(len(train_set), config.batch_size, steps, seed, start,
-                                   accelerator.process_index, accelerator.num_processes)
-        return DataLoader(train_set, batch_sampler=batches, num_workers=config.num_workers, collate_fn=collate_fn)
-
-    path_params = {s: palette.path_parameters(s) for s in candidates}
-    end_anchor = palette.end_anchor_ids()  # each stitch's teacher when distilling (None for an anchor)
-    # K parts per step; with several processes each splits its own shard, and since shards interleave (rank r
-    # holds examples r, r + world, ...) part j of all processes together is part j of the whole batch
-    k = config.stitches_per_step
-    trainable = [p for p in palette.parameters() if p.requires_grad]
+        run.ema, run.seconds_before = meta.get("loss_ema"), float(meta.get("seconds", 0.0))
+        log.info("resumed from %s at step %d", run.ckpt_dir, run.start_step)
     model.train()
-    if config.score_init_batch and start_step == 0:
-        batch = _to(next(iter(loader(1, 0, config.seed + 1))), accelerator.device)
-        scores = {}
-        for s in tqdm(candidates, desc="scoring stitches", disable=not progress or not accelerator.is_main_process,
-                      leave=False):
-            accelerator.backward(loss_fn(model, batch, s))
-            scores[s] = snip_score(path_params[s], per_parameter)
-            optimizer.zero_grad(set_to_none=True)
-        sampler.initialise(scores)
+    return run
 
-    def elapsed() -> float:  # the whole run's training time, across restarts
-        return seconds_before + time.perf_counter() - start_time
 
-    history = LossHistory(Path(out_dir) / "loss.jsonl" if out_dir is not None and config.log_every
-                          and accelerator.is_main_process else None, start_step)
-    bar = tqdm(total=total_steps, initial=start_step, desc="training palette",
-               disable=not progress or not accelerator.is_main_process)
-    loss_value = float("nan")
-    for step, batch in enumerate(loader(total_steps, start_step, config.seed), start=start_step):
-        picked = broadcast(torch.tensor([sampler.sample() for _ in range(k)], device=accelerator.device)).tolist()
-        loss_value, held = 0.0, {}
-        for stitch, part in zip(picked, _split(_to(batch, accelerator.device), k)):
-            if k > 1:  # each stitch's score must see only its own part's gradient: the others wait aside
-                _hold_gradients(trainable, held)
-            loss = loss_fn(model, part, stitch) if not config.distill or end_anchor[stitch] is None else \
-                loss_fn(model, part, stitch, end_anchor[stitch], config.distill, config.distill_temperature)
-            part_loss = float(loss.detach())
-            _check_finite("loss", part_loss, step, stitch, palette, config.rate)
-            accelerator.backward(loss / k)  # the step's gradient is the mean over its K parts
-            # |theta*grad| is NaN/inf with the gradients; without scores, their norm is the (cheap) check. The
-            # score is of the part's own loss (x k undoes the 1/k above: the score is linear in the gradient)
-            score = k * snip_score(path_params[stitch], per_parameter) if config.track_importance else 0.0
-            check = score if config.track_importance else _grad_norm(path_params[stitch])
-            _check_finite("gradient", check, step, stitch, palette, config.rate)
-            sampler.update(stitch, score, part_loss)
-            loss_value += part_loss / k
-        _restore_gradients(held)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)  # None, not 0: the next step's untouched params are then skipped
+def _score_every_stitch(run: _Run, batch: Any, loss_fn: LossFn, progress: bool) -> None:
+    """I(s) of every candidate from one batch, before the first step."""
+    batch = _to(batch, run.accelerator.device)
+    per_parameter = run.config.sampling.score == "mean"
+    scores = {}
+    for s in tqdm(run.candidates, desc="scoring stitches", leave=False,
+                  disable=not progress or not run.accelerator.is_main_process):
+        run.accelerator.backward(loss_fn(run.model, batch, s))
+        scores[s] = snip_score(run.path_params[s], per_parameter)
+        run.optimizer.zero_grad(set_to_none=True)
+    run.sampler.initialise(scores)
 
-        ema = loss_value if ema is None else 0.95 * ema + 0.05 * loss_value
-        bar.update(1)
-        shown = picked[0] if k == 1 else picked  # one stitch id, as before K existed, or the step's K
-        bar.set_postfix(loss=f"{ema:.3f}", stitch=shown, lr=f"{scheduler.get_last_lr()[0]:.1e}")
-        done = step + 1
-        if config.log_every and (done % config.log_every == 0 or done == total_steps):
-            history.write({"step": done, "stitch": shown, "loss": loss_value, "loss_ema": ema,
-                           "lr": scheduler.get_last_lr()[0],
-                           "seconds": round(elapsed(), 3)})
-        if ckpt_dir is not None and accelerator.is_main_process and (
-            done == total_steps or (config.checkpoint_every and done % config.checkpoint_every == 0)
-        ):
-            save_checkpoint(ckpt_dir, palette, optimizer, scheduler, sampler.state_dict(),
-                            {"step": done, "total_steps": total_steps, "loss_ema": ema,
-                             "seconds": elapsed(),
-                             "config": config.to_dict()})
-    bar.close()
-    history.close()
-    accelerator.wait_for_everyone()
+
+def _step(run: _Run, batch: Any, step: int, loss_fn: LossFn) -> tuple[list[int], float]:
+    """One step: sample K stitches, each trains on its 1/K of the batch (its score from its own gradient), one
+    optimizer step for all. Returns the stitches and the step's mean loss."""
+    config, palette, accelerator = run.config, run.palette, run.accelerator
+    k = config.stitches_per_step
+    per_parameter = config.sampling.score == "mean"
+    picked = broadcast(torch.tensor([run.sampler.sample() for _ in range(k)], device=accelerator.device)).tolist()
+    loss_value, held = 0.0, {}
+    # with several processes each splits its own shard, and since shards interleave (rank r holds examples r,
+    # r + world, ...) part j of all processes together is part j of the whole batch
+    for stitch, part in zip(picked, _split(_to(batch, accelerator.device), k)):
+        if k > 1:  # each stitch's score must see only its own part's gradient: the others wait aside
+            _hold_gradients(run.trainable, held)
+        teacher = run.end_anchor[stitch]
+        loss = loss_fn(run.model, part, stitch) if not config.distill or teacher is None else \
+            loss_fn(run.model, part, stitch, teacher, config.distill, config.distill_temperature)
+        part_loss = float(loss.detach())
+        _check_finite("loss", part_loss, step, stitch, palette, config.rate)
+        accelerator.backward(loss / k)  # the step's gradient is the mean over its K parts
+        # |theta*grad| is NaN/inf with the gradients; without scores, their norm is the (cheap) check. The score
+        # is of the part's own loss (x k undoes the 1/k above: the score is linear in the gradient)
+        score = k * snip_score(run.path_params[stitch], per_parameter) if config.track_importance else 0.0
+        check = score if config.track_importance else _grad_norm(run.path_params[stitch])
+        _check_finite("gradient", check, step, stitch, palette, config.rate)
+        run.sampler.update(stitch, score, part_loss)
+        loss_value += part_loss / k
+    _restore_gradients(held)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)  # None, not 0: the next step's untouched params are then skipped
+    return picked, loss_value
+
+
+def _checkpoint(run: _Run, done: int) -> None:
+    if run.ckpt_dir is not None and run.accelerator.is_main_process:
+        save_checkpoint(run.ckpt_dir, run.palette, run.optimizer, run.scheduler, run.sampler.state_dict(),
+                        {"step": done, "total_steps": run.total_steps, "loss_ema": run.ema,
+                         "seconds": run.elapsed(), "config": run.config.to_dict()})
+
+
+def _result(run: _Run, palette: Palette, loss_value: float) -> TrainResult:
+    sampler = run.sampler
     return TrainResult(
-        steps=total_steps,
-        seconds=elapsed(),
-        trainable_params=sum(p.numel() for p in {id(p): p for s in candidates for p in path_params[s]}.values()),
+        steps=run.total_steps,
+        seconds=run.elapsed(),
+        trainable_params=sum(p.numel() for p in {id(p): p for s in run.candidates
+                                                 for p in run.path_params[s]}.values()),
         total_params=palette.total_parameters(),
         peak_rss_mb=peak_rss_mb(),
-        train_rss_increase_mb=max(0.0, peak_rss_mb() - rss_start),
-        final_loss=ema if ema is not None else loss_value,
+        train_rss_increase_mb=max(0.0, peak_rss_mb() - run.rss_start),
+        final_loss=run.ema if run.ema is not None else loss_value,
         importance=[float(v) for v in sampler.importance],
         updates=[int(v) for v in sampler.updates],
-        groups=groups,
+        groups=run.groups,
         train_loss=[float(v) if n else None for v, n in zip(sampler.train_loss, sampler.updates)],
     )
 

@@ -28,6 +28,12 @@ class Anchor(nn.Module):
     family: str = ""
     #: Linear layers that PST adapts with the shared LoRA when the user names none.
     default_lora_targets: tuple[str, ...] = ()
+    #: what a forward takes: "image" (pixel values) or "text" (token ids). Serving, profiling, evaluation and export
+    #: pick their way of feeding a network by this, never by the family's name, so a new family of an existing
+    #: modality is one file and one registry entry
+    modality: str = ""
+    #: what a palette of this family is ranked by (a key of ``esta.results.METRICS``)
+    score: str = "accuracy"
 
     def __init__(self, config: Any, blocks: nn.ModuleList, first_block: int = 0, source: str = "") -> None:
         super().__init__()
@@ -124,6 +130,45 @@ class Anchor(nn.Module):
     def build_part(cls, spec: dict, first_block: int, last_block: int, embed: bool, head: bool) -> "Anchor":
         """Empty modules for blocks ``first_block..last_block`` (and the embedding / head if asked), to load into."""
         raise NotImplementedError
+
+    def init_buffers(self) -> None:
+        """Rebuild the buffers a saved file does not hold (transformers' ``_init_weights`` calls this on load)."""
+
+    # -- what a deployed stitch of this family carries for transformers and ONNX --------------------------------
+    @classmethod
+    def stitch_config(cls, parts: dict, esta_config: dict, classes: list[str] | None) -> Any:
+        """The transformers config (``config.json``) of a deployed stitch whose front anchor is of this family;
+        ``parts``: the fields every stitch config has (see ``esta.hf_config.StitchConfig``)."""
+        raise NotImplementedError
+
+    def write_processor_files(self, folder: Any, normalize: bool) -> list[str]:
+        """Files a transformers user needs beside a deployed model (an image processor); the names written.
+        ``normalize=False`` for a model that normalises inside (esta's own stitches)."""
+        return []
+
+    @classmethod
+    def card_usage(cls, front_spec: dict, plain: bool) -> tuple[str, str, list[str]]:
+        """For a deployed model's card: its ``pipeline_tag``, the transformers names to import, lines that use it."""
+        raise NotImplementedError
+
+    def onnx_io(self) -> "OnnxIO":
+        """The inputs of an ONNX export of a deployed stitch that starts with this anchor."""
+        raise NotImplementedError
+
+
+@dataclass
+class OnnxIO:
+    """How an exported graph is fed: its input names, a traced example and another input to check the graph on,
+    the dynamic dimensions, and how the graph's inputs become what a stitch's forward takes."""
+
+    names: list[str]
+    example: tuple[torch.Tensor, ...]
+    check: tuple[torch.Tensor, ...]
+    dynamic: dict[str, dict[int, Any]]
+    shape: tuple  # what the docs show as the input's shape
+    to_inputs: Callable[..., Any]
+    #: which rows / positions of ``check``'s output mean something (padding does not), or None for all
+    real: Any = None
 
 
 def import_transformers_class(path: str) -> type:

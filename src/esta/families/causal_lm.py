@@ -20,9 +20,11 @@ from torch import nn
 from transformers import AutoConfig, DynamicCache, PretrainedConfig
 
 from ..errors import EstaError
+from ..hf_config import CAUSAL_LM_ARCHITECTURE, StitchCausalLMConfig
 from .base import (
     Anchor,
     FamilyKind,
+    OnnxIO,
     class_path,
     import_transformers_class,
     load_weights,
@@ -35,6 +37,8 @@ LM_MODELS = ("llama", "qwen2", "mistral")
 
 class CausalLMAnchor(Anchor):
     family = "causal-lm"
+    modality = "text"
+    score = "perplexity"
     default_lora_targets = ("q_proj", "k_proj", "v_proj")
 
     def __init__(self, config: PretrainedConfig, embed_tokens: nn.Module | None, blocks: nn.ModuleList,
@@ -153,6 +157,41 @@ class CausalLMAnchor(Anchor):
         model.model.norm.load_state_dict(self.norm.state_dict())
         model.lm_head.load_state_dict(self.lm_head.state_dict())
         return model.eval()
+
+    @classmethod
+    def stitch_config(cls, parts: dict, esta_config: dict, classes: list[str] | None) -> StitchCausalLMConfig:
+        last = (esta_config["end"] or esta_config["front"])["config"]
+        first = esta_config["front"]["config"]
+        return StitchCausalLMConfig(**parts, architectures=[CAUSAL_LM_ARCHITECTURE], vocab_size=last["vocab_size"],
+                                    bos_token_id=first.get("bos_token_id"), eos_token_id=last.get("eos_token_id"),
+                                    pad_token_id=first.get("pad_token_id"), tie_word_embeddings=False, use_cache=True,
+                                    dtype=parts["esta_dtype"])
+
+    @classmethod
+    def card_usage(cls, front_spec: dict, plain: bool) -> tuple[str, str, list[str]]:
+        return "text-generation", "AutoModelForCausalLM, AutoTokenizer", [
+            'model = AutoModelForCausalLM.from_pretrained(".")', 'tokenizer = AutoTokenizer.from_pretrained(".")',
+            'model.generate(**tokenizer("Hello", return_tensors="pt"), max_new_tokens=32)']
+
+    def onnx_io(self) -> OnnxIO:
+        # the no-cache forward: int64 input_ids and attention_mask [batch, length], both dynamic
+        vocab = int(self.config.vocab_size)
+
+        def tokens(b: int, t: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+            ids = torch.randint(0, vocab, (b, t), generator=torch.Generator().manual_seed(seed))
+            mask = torch.ones_like(ids)
+            mask[0, : t // 3] = 0  # a left-padded row: the mask must be honoured, not traced away
+            return ids, mask
+
+        batch = torch.export.Dim("batch", min=1, max=4096)
+        length = torch.export.Dim("length", min=2, max=int(getattr(self.config, "max_position_embeddings", 4096)))
+        example, check = tokens(2, 7, 0), tokens(3, 11, 1)
+        return OnnxIO(names=["input_ids", "attention_mask"], example=example, check=check,
+                      dynamic={n: {0: batch, 1: length} for n in ("input_ids", "attention_mask")},
+                      shape=("batch", "length"),
+                      to_inputs=lambda input_ids, attention_mask: {"input_ids": input_ids,
+                                                                   "attention_mask": attention_mask},
+                      real=check[1].bool().numpy())  # a padded position's logits mean nothing: compare real tokens
 
     @classmethod
     def build_part(cls, spec: dict, first_block: int, last_block: int, embed: bool, head: bool) -> "CausalLMAnchor":

@@ -17,9 +17,12 @@ from torch import nn
 from transformers import AutoConfig, DeiTModel, PretrainedConfig, ViTModel
 
 from ..errors import EstaError
+from ..files import write_json
+from ..hf_config import IMAGE_ARCHITECTURE, StitchImageConfig
 from .base import (
     Anchor,
     FamilyKind,
+    OnnxIO,
     class_path,
     import_transformers_class,
     load_weights,
@@ -32,6 +35,7 @@ PREFIX_TOKENS = {"vit": 1, "deit": 2}
 
 class VisionAnchor(Anchor):
     family = "vision"
+    modality = "image"
     # transformers >= 5 names ViT/DeiT attention projections q_proj/k_proj/v_proj.
     default_lora_targets = ("q_proj", "k_proj", "v_proj")
 
@@ -189,6 +193,45 @@ class VisionAnchor(Anchor):
                 "image_std": self.image_std,
                 # grey models take grey images as they are (the processor would otherwise make them RGB)
                 "do_convert_rgb": self.num_channels == 3}
+
+    def init_buffers(self) -> None:
+        c = self.num_channels
+        with torch.no_grad():
+            self._mean = torch.tensor(self.image_mean, dtype=torch.float32).view(1, c, 1, 1)
+            self._std = torch.tensor(self.image_std, dtype=torch.float32).view(1, c, 1, 1)
+
+    @classmethod
+    def stitch_config(cls, parts: dict, esta_config: dict, classes: list[str] | None) -> StitchImageConfig:
+        n = (esta_config["end"] or esta_config["front"])["num_labels"]
+        labels = list(classes) if classes else [f"LABEL_{i}" for i in range(n)]
+        return StitchImageConfig(**parts, architectures=[IMAGE_ARCHITECTURE],
+                                 id2label=dict(enumerate(labels)), label2id={c: i for i, c in enumerate(labels)},
+                                 dtype=parts["esta_dtype"])
+
+    def write_processor_files(self, folder: Any, normalize: bool) -> list[str]:
+        write_json(Path(folder) / "preprocessor_config.json", self.preprocessor_config(normalize=normalize))
+        return ["preprocessor_config.json"]
+
+    @classmethod
+    def card_usage(cls, front_spec: dict, plain: bool) -> tuple[str, str, list[str]]:
+        if plain and front_spec["config"].get("num_channels") == 1:
+            # a grey plain ViT/DeiT: pipeline() makes every image RGB, which it cannot take (esta's stitches can)
+            return "image-classification", "AutoImageProcessor, AutoModelForImageClassification", [
+                'model = AutoModelForImageClassification.from_pretrained(".")',
+                'processor = AutoImageProcessor.from_pretrained(".")',
+                'logits = model(**processor(grey_image, return_tensors="pt")).logits']
+        return "image-classification", "pipeline", [
+            'classify = pipeline("image-classification", model=".")', "classify(image)"]
+
+    def onnx_io(self) -> OnnxIO:
+        # float32 [batch, channels, height, width] in [0, 1]; the stitch's own normalisation is inside the graph
+        image = (self.num_channels, self.image_size, self.image_size)
+        batch = torch.export.Dim("batch", min=1, max=4096)
+        return OnnxIO(names=["pixel_values"],
+                      example=(torch.rand(2, *image, generator=torch.Generator().manual_seed(0)),),
+                      check=(torch.rand(5, *image, generator=torch.Generator().manual_seed(1)),),  # not the traced
+                      dynamic={"pixel_values": {0: batch}}, shape=("batch", *image),
+                      to_inputs=lambda pixel_values: pixel_values)
 
     @classmethod
     def build_part(cls, spec: dict, first_block: int, last_block: int, embed: bool, head: bool) -> "VisionAnchor":

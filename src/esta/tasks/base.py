@@ -13,18 +13,20 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..budget import CostAxis
-from ..deploy import Choice
 from ..errors import EstaError
 from ..methods import Method
 from ..palette import Palette
 from ..results import Metric
+from ..selection import Choice
 from ..train import LossFn, TrainResult
 
 
 class Task:
     name: str = ""  # the task's name in results (e.g. the dataset's)
     kind: str = ""  # the registry's name: "image-classification", "instruction-tuning"
-    family: str = ""  # the anchor family kind it takes: "vision", "causal-lm"
+    #: the anchors it takes, by what their forward reads (``Anchor.modality``: "image", "text"), so any family of
+    #: that modality trains with this Task
+    modality: str = ""
     axis: CostAxis  # what budgets are measured in
     metric: Metric  # what its evaluation reports (accuracy, perplexity)
     #: "budget": a validation score compares any two stitches (accuracy), so a budget may pick among every
@@ -104,4 +106,9 @@ class Task:
         raise NotImplementedError
 
     def write(self, results: dict, out: Path) -> None:
+        raise NotImplementedError
+
+    @staticmethod
+    def summary(results: dict, out: str) -> str:
+        """What ``esta train`` prints once the run is done (its results as this Task wrote them)."""
         raise NotImplementedError

@@ -8,15 +8,19 @@ every trained stitch's accuracy on the evaluation subset, and each deployed fold
 
 from __future__ import annotations
 
+import functools
+import io
 import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
-from ..budget import FLOPS
+from ..budget import FLOPS, CostAxis
 from ..calibration import calibrate_stitching
+from ..config import RecipeConfig
 from ..data import (
     default_cache_dir,
     held_out_sets,
@@ -33,9 +37,9 @@ from ..methods import get_method
 from ..pairs import pair_curves
 from ..palette import Palette
 from ..probe import probe_heads
-from ..recipe import RecipeConfig, default_budgets, run
 from ..report import pareto_plot, write_results
 from ..results import ACCURACY, Point, in_between_served, run_results
+from ..selection import default_budgets
 from ..train import TrainConfig, classification_loss
 from .base import Task
 
@@ -46,11 +50,14 @@ log = logging.getLogger("esta")
 class AdaptConfig(RecipeConfig):
     """``esta train`` / ``esta demo``: the recipe's settings plus image classification's own."""
 
-    #: four stitches per step, each on a quarter of the batch (ours; see ``TrainConfig.stitches_per_step``)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(stitches_per_step=4))
+    axis: ClassVar[CostAxis] = FLOPS  # budgets in GFLOPs per image
+
+    #: four stitches per step, each on a quarter of the batch (ours; see ``TrainConfig.stitches_per_step``), for
+    #: 40 epochs: what `esta demo` and `esta train` run (the demo's 3 minutes of training here)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=40.0, stitches_per_step=4))
     #: the [CLS] token's share of the least-squares fit of the stitching layers (0: all tokens equal, SN-Net's fit)
     stitch_cls_weight: float = 0.5
-    eval_examples: int | None = 2000  # stratified subset of the test split for every accuracy; None = all
+    eval_examples: int | None = 2000  # stratified test examples for every accuracy (0 or none: the whole split)
     #: how every new task head starts: "probe" (ours: a linear probe of its anchor's frozen features on the
     #: training set) or "random" (trunc-normal, as ViT); the same for every method, so they stay comparable
     head_init: str = "probe"
@@ -58,15 +65,16 @@ class AdaptConfig(RecipeConfig):
     strict: bool = False  # a class missing from a split is an error instead of a warning
     probe_examples: int = 5000  # training examples the probes are fitted on (a stratified subset beyond that)
     sweep: bool = True  # evaluate every stitch (the honest check of the choice; SN-Net's way to choose)
+    #: training examples used ("default": the built-in task's own size; none: all)
     train_examples: int | str | None = "default"
-    cache_dir: str | None = None
+    cache_dir: str | None = None  # where data, probes and conversions are cached (default ~/.cache/esta)
 
     def check(self) -> None:
         super().check()
         if self.probe_examples < 1:
             raise EstaError(f"probe examples must be at least 1, got {self.probe_examples}")
-        if self.eval_examples is not None and self.eval_examples < 1:
-            raise EstaError(f"evaluation examples must be at least 1 (or all), got {self.eval_examples}")
+        if self.eval_examples is not None and self.eval_examples < 0:
+            raise EstaError(f"evaluation examples must be >= 0 (0: all), got {self.eval_examples}")
         if not 0 <= self.stitch_cls_weight < 1:
             raise EstaError(f"stitch_cls_weight must be in [0, 1), got {self.stitch_cls_weight}")
         if self.head_init not in ("probe", "random"):
@@ -74,12 +82,12 @@ class AdaptConfig(RecipeConfig):
 
 
 class ImageClassification(Task):
-    kind, family, axis, metric = "image-classification", "vision", FLOPS, ACCURACY
+    kind, modality, axis, metric = "image-classification", "image", FLOPS, ACCURACY
     reference_overrides = {"validation_sweep": False}
 
     def load_anchors(self, num_labels: int = 1) -> list:
         anchors = load_family(self.config.anchors, num_labels=num_labels)
-        if anchors[0].family != "vision":
+        if anchors[0].modality != self.modality:
             raise EstaError("image classification takes vision anchors; use esta lm-train for causal LMs")
         return anchors
 
@@ -97,7 +105,7 @@ class ImageClassification(Task):
             anchor.new_task_head(len(task.classes))
         self.task, self.train_set, self.loss_fn = task, task.train, classification_loss
         self.name, self.classes = task.name, task.classes
-        self.val_set, self.eval_set = held_out_sets(task.test, cfg.validation_examples, cfg.eval_examples, seed)
+        self.val_set, self.eval_set = held_out_sets(task.test, cfg.validation_examples, cfg.eval_examples or None, seed)
         if len(self.val_set) == 0 and deploy_by == "validation":
             raise EstaError(f"the test split of {task.name} has {len(task.test)} examples: too few to hold out a "
                             f"validation set (a quarter of it) for deploying by validation accuracy")
@@ -206,13 +214,12 @@ class ImageClassification(Task):
             pairs=results["pairs"], in_between=summary["in_between"]).to_json()
         return results
 
+    @staticmethod
+    def summary(results: dict, out: str) -> str:
+        return summary_text(results, out)
+
     def write(self, results: dict, out: Path) -> None:
         write_report(results, out, plot=self.config.sweep)
-
-
-def adapt(config: AdaptConfig) -> dict:
-    """The whole job for an image task (``esta.recipe.run``)."""
-    return run(config)
 
 
 def write_report(results: dict, out: Path, plot: bool) -> None:
@@ -283,3 +290,38 @@ def image_results(config: AdaptConfig, task, palette: Palette, costs, result, ch
                   "train_rss_increase_mb": result.train_rss_increase_mb, "final_loss": result.final_loss},
         "config": config.to_dict(),
     }
+
+
+def summary_text(results: dict, out: str) -> str:
+    """What `esta train` prints after a run: the palette's anchors beside the references, the deployed networks, the
+    per-pair curves."""
+    buf = io.StringIO()
+    say = functools.partial(print, file=buf)
+    s = results["summary"]
+    say(f"\n[{results['method']}] {len(results['stitches'])} stitches adapted to {results['task']} in "
+          f"{results['train']['seconds']:.0f} s, {results['train']['steps']} steps "
+          f"({results['train']['trainable_params']:,} trainable of {results['train']['total_params']:,} parameters); "
+          f"deployed by {results.get('deploy_by', 'importance')}")
+    anchors = [a for a in results.get("anchors_in_palette", []) if a["accuracy"] is not None]
+    refs = results.get("references", [])
+    for a in anchors:  # each anchor in the palette beside the same anchor tuned alone / probed
+        others = "".join(f", {r['method']} {100 * r['accuracy']:.2f}% ({r['steps']} steps)" for r in refs
+                         if r["name"] == a["name"])
+        say(f"anchor {a['name']}: in the palette {100 * a['accuracy']:.2f}% ({a['updates']} steps){others}")
+    say(f"{'budget GFLOPs':>14} {'stitch':>24} {'GFLOPs':>7} {'acc %':>6} {'best %':>7} {'regret':>7}")
+    for d in results["deployed"]:
+        best = d["best_accuracy_in_budget"]
+        say(f"{d['budget'] / 1e9:14.3f} {d['name']:>24} {d['flops'] / 1e9:7.3f} {100 * d['accuracy']:6.2f} "
+              + (f"{100 * best:7.2f} {100 * d['regret_in_budget']:7.2f}" if best is not None else f"{'-':>7} {'-':>7}"))
+    if s["mean_regret"] is not None:
+        say(f"mean regret {100 * s['mean_regret_in_budget']:.2f} points against the best stitch within each budget "
+              f"({100 * s['mean_regret']:.2f} against the stitches the rule chose among); ", end="")
+    say(f"Spearman(budget, accuracy) = {s['spearman_budget_accuracy']:.3f}; largest fall below a cheaper budget's "
+          f"pick {100 * s['largest_drop']:.2f} points")
+    from ..pairs import describe
+
+    for line in describe(results.get("pairs", [])):
+        say(line)
+    say(f"wrote {out}/results.json, {out}/results.csv" + (f", {out}/pareto.png" if
+          any(x["accuracy"] is not None for x in results["stitches"]) else "") + f", {out}/deployed/")
+    return buf.getvalue().rstrip()

