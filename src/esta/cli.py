@@ -6,27 +6,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
 from .errors import EstaError
-
-
-def _quiet_libraries() -> None:
-    """transformers' load reports and weight-loading bars would bury esta's own progress."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-
-
-def _ints(text: str) -> list[int]:
-    try:
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError as e:
-        raise EstaError(f"expected comma-separated integers, got {text!r}") from e
+from .flags import int_list
 
 
 def given(**kw) -> dict:
@@ -105,12 +89,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from .export import export_onnx, export_transformers
 
-    if args.format == "transformers":
-        print(json.dumps(export_transformers(args.model)))
-        return 0
-    if args.format != "onnx":
-        raise EstaError(f"unknown export format {args.format!r}: onnx, transformers")
-    print(json.dumps(export_onnx(args.model, args.out, tolerance=args.tolerance)))
+    print(json.dumps(export_transformers(args.model) if args.format == "transformers" else
+                     export_onnx(args.model, args.out, tolerance=args.tolerance)))
+    return 0
+
+
+def cmd_sources(args: argparse.Namespace) -> int:
+    from .data import default_cache_dir
+    from .sources import check_sources, sources_table
+
+    rows = check_sources(default_cache_dir(), online=not args.offline)
+    print(json.dumps(rows, indent=1) if args.json else sources_table(rows))
     return 0
 
 
@@ -135,7 +124,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     from .pretrain import MINI_SHAPES, PretrainConfig, pretrain
 
     names = args.models.split(",") if args.models else list(MINI_SHAPES)
-    epochs = dict(zip(names, _ints(args.epochs))) if args.epochs else None
+    epochs = dict(zip(names, args.epochs)) if args.epochs else None
     for info in pretrain(args.out, names, PretrainConfig(epochs=epochs, seed=args.seed), not args.no_progress):
         print(f"{info['name']}: Fashion-MNIST test accuracy {100 * info['fashion_mnist_test_accuracy']:.2f}% "
               f"({info['params']:,} parameters, {info['epochs']} epochs, {info['seconds']:.0f} s)")
@@ -181,8 +170,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_space(args: argparse.Namespace) -> int:
-    from .flags import given_settings
+    from .flags import build_config, given_settings
     from .space import build_space
+    from .tasks import AdaptConfig
 
     if args.anchors:
         from .families import _config
@@ -193,7 +183,9 @@ def cmd_space(args: argparse.Namespace) -> int:
         depths = args.depths
     else:
         raise EstaError("give --depths (e.g. 12,12,12) or --anchors")
-    space = build_space(depths, **given_settings(args, _space_flags()))
+    cfg = build_config(AdaptConfig(), given_settings(args, _space_flags()), _space_flags())  # what train builds
+    space = build_space(depths, kernel=cfg.kernel, stride=cfg.stride, pairing=cfg.pairing, two_way=cfg.two_way,
+                        stitch_layers=cfg.stitch_layers)
     print(space.to_json(indent=None if args.compact else 1) if args.json else space.describe())
     return 0
 
@@ -294,7 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="a deployed stitch to ONNX (checked against onnxruntime)")
     p.add_argument("--model", required=True, help="a deployed stitch folder")
-    p.add_argument("--format", default="onnx", help="onnx, or transformers (config.json for an older deployment)")
+    p.add_argument("--format", default="onnx", choices=["onnx", "transformers"],
+                   help="onnx, or transformers (config.json for an older deployment)")
     p.add_argument("--out", default=None, help="output file (default MODEL/model.onnx)")
     p.add_argument("--tolerance", type=float, default=1e-4, help="largest accepted |onnxruntime - torch|")
     p.set_defaults(func=cmd_export)
@@ -309,17 +302,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("space", help="list the stitches of a family")
-    p.add_argument("--depths", type=_ints, default=None, help="comma-separated anchor depths, e.g. 12,12,12")
+    p.add_argument("--depths", type=int_list, default=None, help="comma-separated anchor depths, e.g. 12,12,12")
     p.add_argument("--anchors", nargs="*", default=None, help="read depths from these models instead")
     add_config_flags(p, _space_flags(), {AdaptConfig: AdaptConfig()})
     p.add_argument("--json", action="store_true", help="print the space as JSON")
     p.add_argument("--compact", action="store_true", help="one-line JSON")
     p.set_defaults(func=cmd_space)
 
+    p = sub.add_parser("sources", help="every built-in model and data source: pinned, cached here, still on its index?")
+    p.add_argument("--offline", action="store_true", help="only what is cached here")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_sources)
+
     p = sub.add_parser("pretrain", help="pretrain esta's mini DeiT family on Fashion-MNIST")
     p.add_argument("--out", default="runs/pretrained", help="where to write the checkpoints")
     p.add_argument("--models", default="", help="comma-separated subset of mini-deit-ti,mini-deit-s,mini-deit-b")
-    p.add_argument("--epochs", default="", help="comma-separated epochs per model (default 4,4,7)")
+    p.add_argument("--epochs", type=int_list, default=None, help="comma-separated epochs per model (default 4,4,7)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_pretrain)
@@ -329,7 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(name)s: %(message)s")
-    _quiet_libraries()
+    from .families import quiet_libraries
+
+    quiet_libraries()
     try:
         return args.func(args)
     except EstaError as e:

