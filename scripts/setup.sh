@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up esta in a virtual environment (default .venv; ESTA_VENV overrides). Idempotent: a second run is quick.
 # Installs the CPU build of torch first, so that nothing pulls a multi-GB CUDA build, then esta and its pinned
-# dependencies; as root on Debian it also installs the Fashion-MNIST package (the mini family's source set).
+# dependencies; as root on Debian it also installs the Fashion-MNIST package (the mini family's source set) and
+# Chromium (to check report.html headless).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${ESTA_VENV:-.venv}"
@@ -33,5 +34,11 @@ if [ ! -d /usr/share/datasets/fashion-mnist ] && [ "$(id -u)" = 0 ] && command -
   (apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 \
    || (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1)) \
    || echo "setup: could not install dataset-fashion-mnist (only 'esta pretrain' needs it)" >&2
+fi
+# headless Chromium checks report.html (a test and scripts/check_report.py); a browser for people, not for esta
+if ! command -v chromium >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  (apt-get install -y -qq chromium >/dev/null 2>&1 \
+   || (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq chromium >/dev/null 2>&1)) \
+   || echo "setup: could not install chromium (only the report.html browser check needs it)" >&2
 fi
 echo "setup: esta ready in $VENV ($("$PY" -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'))"

@@ -17,7 +17,7 @@ LAYERS: dict[str, tuple[int, set[str]]] = {
                    "screening", "train", "checkpoint", "selection", "generate"}),
     "evaluation": (1, {"evaluate", "results", "pairs", "lm_eval", "analysis"}),
     "deployment": (2, {"deploy", "hf_native", "export", "serving", "serve", "profile"}),
-    "reports": (2, {"report"}),
+    "reports": (2, {"report", "html_report"}),
     "jobs": (3, {"config", "recipe", "tasks", "runs", "bench", "pretrain"}),
     "interface": (4, {"cli", "__main__", "adapt", "lm_adapt"}),
 }

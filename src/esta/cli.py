@@ -94,12 +94,17 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_sources(args: argparse.Namespace) -> int:
-    from .data import default_cache_dir
-    from .sources import check_sources, sources_table
+def cmd_report(args: argparse.Namespace) -> int:
+    from .runs import rebuild_report
 
-    rows = check_sources(default_cache_dir(), online=not args.offline)
-    print(json.dumps(rows, indent=1) if args.json else sources_table(rows))
+    print(f"wrote {rebuild_report(args.run)}")
+    return 0
+
+
+def cmd_sources(args: argparse.Namespace) -> int:
+    from .sources import report_sources
+
+    print(report_sources(online=not args.offline, as_json=args.json))
     return 0
 
 
@@ -205,12 +210,10 @@ def _training_parser(sub, name: str, helptext: str, compare: str = "") -> None:
     p = sub.add_parser(name, help=helptext)
     defaults = {c: replace(c(), **COMMANDS[name]) for c in (AdaptConfig, LMAdaptConfig)}
     add_config_flags(p, _training_flags(), defaults, {AdaptConfig: "images", LMAdaptConfig: "language models"})
-    p.add_argument("--compare", default=compare,
-                   help="also run these reference methods with the same data, seed and steps, and show their anchors "
-                   f"beside the palette's (anchors-lora, linear-probe; default {compare or 'none'}; '' for none)")
-    p.add_argument("--config", default=None,
-                   help="take every setting from this file (a run's run.json, or JSON/YAML of a Task's config); only "
-                   "--out, --resume, --overwrite and --no-progress apply beside it")
+    p.add_argument("--compare", default=compare, help="also tune the anchors alone: anchors-lora, linear-probe "
+                   f"(default {compare or 'none'}; '' for none)")
+    p.add_argument("--config", default=None, help="every setting from a run.json or a JSON/YAML config (only --out, "
+                   "--resume, --overwrite and --no-progress apply beside it)")
     if name == "lm-train":
         p.add_argument("--pairs", type=int, default=20000, help="built-in sharegpt data: turns sampled")
         p.add_argument("--per-task", type=int, default=200, help="built-in natural-instructions: examples per task")
@@ -286,8 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="a deployed stitch to ONNX (checked against onnxruntime)")
     p.add_argument("--model", required=True, help="a deployed stitch folder")
-    p.add_argument("--format", default="onnx", choices=["onnx", "transformers"],
-                   help="onnx, or transformers (config.json for an older deployment)")
+    p.add_argument("--format", default="onnx", choices=["onnx", "transformers"], help="transformers: config.json")
     p.add_argument("--out", default=None, help="output file (default MODEL/model.onnx)")
     p.add_argument("--tolerance", type=float, default=1e-4, help="largest accepted |onnxruntime - torch|")
     p.set_defaults(func=cmd_export)
@@ -308,6 +310,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the space as JSON")
     p.add_argument("--compact", action="store_true", help="one-line JSON")
     p.set_defaults(func=cmd_space)
+
+    p = sub.add_parser("report", help="write a run's report.html again (hover any stitch of the palette)")
+    p.add_argument("run", help="a finished run folder")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("sources", help="every built-in model and data source: pinned, cached here, still on its index?")
     p.add_argument("--offline", action="store_true", help="only what is cached here")

@@ -253,3 +253,17 @@ def evaluate_deployed(model_dir: str, data: str, seed: int = 0, examples: int = 
         raise EstaError(f"{model_dir} predicts {len(classes)} classes but {data} has {len(task.classes)}")
     return {"model": model_dir, "data": data, "examples": len(task.test),
             "accuracy": accuracy(model, task.test, progress=progress)}
+
+
+def rebuild_report(run_dir: str | Path) -> Path:
+    """``esta report RUN``: the run's ``report.html`` written again from its results (e.g. after ``esta profile``
+    added latencies to its palette, or from a run made before the page existed)."""
+    run_dir = Path(run_dir)
+    task = _task_of(read_json(run_dir / "run.json"))
+    results = read_json(run_dir / "results.json")
+    if not isinstance(results, dict):
+        raise EstaError(f"{run_dir / 'results.json'} is damaged (not a results mapping)")
+    try:
+        return task.write_html(results, run_dir)
+    except (KeyError, TypeError, ValueError) as e:
+        raise EstaError(f"{run_dir / 'results.json'} is damaged or from another esta ({type(e).__name__}: {e})") from e

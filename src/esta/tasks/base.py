@@ -109,6 +109,11 @@ class Task:
         raise NotImplementedError
 
     @staticmethod
+    def write_html(results: dict, out: Path) -> Path:
+        """``OUT/report.html`` from the run's results (``esta report`` rebuilds it)."""
+        raise NotImplementedError
+
+    @staticmethod
     def summary(results: dict, out: str) -> str:
         """What ``esta train`` prints once the run is done (its results as this Task wrote them)."""
         raise NotImplementedError

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import io
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from ..deploy import DeployedStitch
 from ..errors import EstaError
 from ..evaluate import accuracy, largest_drop, spearman, sweep
 from ..families import anchor_names, load_family
+from ..html_report import point, write_html_report
 from ..methods import get_method
 from ..pairs import pair_curves
 from ..palette import Palette
@@ -221,13 +223,55 @@ class ImageClassification(Task):
     def write(self, results: dict, out: Path) -> None:
         write_report(results, out, plot=self.config.sweep)
 
+    @staticmethod
+    def write_html(results: dict, out: Path) -> Path:
+        """``report.html``: every stitch, the anchors tuned alone and probed, the per-pair curves."""
+        return html_report(results, out)
+
 
 def write_report(results: dict, out: Path, plot: bool) -> None:
-    """results.json / results.csv, and the Pareto plot when every stitch was evaluated."""
+    """results.json / results.csv, report.html, and the Pareto plot when every stitch was evaluated."""
     write_results(results, out)
+    html_report(results, out)
     if plot:
         pareto_plot(results, out / "pareto.png",
                     title=f"{results['method']} on {results['task']}: {len(results['stitches'])} stitches")
+
+
+def html_report(results: dict, out: Path) -> Path:
+    names = {a["stitch_id"]: a["name"] for a in results.get("anchors_in_palette", [])}
+    label = {(c["front"], c["end"]): f"{c['front_name']}\u2192{c['end_name']}" for c in results.get("pairs", [])}
+    latency = _latencies(out)
+    pts = [point("anchor" if s["is_anchor"] else "stitch", names.get(s["id"], s["name"]) if s["is_anchor"]
+                 else s["name"], s["flops"], s["accuracy"], params=s["params"], updates=s["updates"],
+                 importance=s["importance"], deployed=bool(s["deployed"]), latency_ms=latency.get(s["id"]),
+                 pair=None if s["is_anchor"] else label.get((s["front"], s["end"]), f"{s['front']}\u2192{s['end']}"),
+                 label=names.get(s["id"]))
+           for s in results["stitches"]]
+    pts += [point("alone" if r["method"] == "anchors-lora" else "probe", f"{r['name']} ({r['method']})", r["flops"],
+                  r["accuracy"], steps=r["steps"]) for r in results.get("references", [])]
+    deployed = sorted({d["name"] for d in results.get("deployed", [])})
+    summary = (f"{results['method']}: {len(results['stitches'])} networks adapted to {results['task']} in "
+               f"{results['train']['seconds']:.0f} s ({results['train']['steps']} steps); deployed by "
+               f"{results.get('deploy_by')} at {len(results.get('deployed', []))} budgets: {', '.join(deployed)}.")
+    return write_html_report(out, f"esta palette: {results['method']} on {results['task']}", summary, pts,
+                             _pair_curves(results, "accuracy"), ACCURACY, FLOPS)
+
+
+def _latencies(out: Path) -> dict[int, float]:
+    """Each stitch's profiled milliseconds, where the run's palette was profiled (``esta profile``)."""
+    table = Path(out) / "palette" / "palette.json"
+    try:
+        rows = json.loads(table.read_text())["stitches"] if table.is_file() else []
+    except (ValueError, KeyError, TypeError):
+        return {}  # a damaged table only costs the report its latencies
+    return {int(r["id"]): r["latency_ms"] for r in rows if r.get("latency_ms") is not None}
+
+
+def _pair_curves(results: dict, metric: str) -> list[dict]:
+    return [{"label": f"{c['front_name']}\u2192{c['end_name']}", "spearman": c.get("spearman"),
+             "points": [{"share": q["share"], "value": q[metric]} for q in c["points"] if q.get(metric) is not None]}
+            for c in results.get("pairs", [])]
 
 
 def image_results(config: AdaptConfig, task, palette: Palette, costs, result, choices, sweep_acc: dict[int, float],

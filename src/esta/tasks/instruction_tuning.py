@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import io
+import json
 import logging
 import random
 import time
@@ -29,6 +30,7 @@ from ..errors import EstaError
 from ..evaluate import spearman
 from ..families import anchor_names, load_family
 from ..files import write_json
+from ..html_report import point, write_html_report
 from ..importance import SamplingConfig
 from ..instruct import (
     build_dataset,
@@ -350,6 +352,40 @@ class InstructionTuning(Task):
     def write(self, results: dict, out: Path) -> None:
         write_json(out / "results.json", results)
         plot_lm(results, out / "metrics.png")
+        self.write_html(results, out)
+
+    @staticmethod
+    def write_html(results: dict, out: Path) -> Path:
+        """``report.html``: every trained stitch's validation perplexity against its parameters."""
+        anchors = {a["stitch_id"]: a for a in results.get("anchors", [])}
+        deployed = {d["stitch_id"] for d in results.get("deployed", [])}
+        latency = _latencies(out)
+        pts = [point("anchor" if s["stitch_id"] in anchors else "stitch",
+                     Path(anchors[s["stitch_id"]]["source"]).name if s["stitch_id"] in anchors else s["name"],
+                     s["params"], s["validation_perplexity"], params=s["params"], updates=s["updates"],
+                     importance=s["importance"], deployed=s["stitch_id"] in deployed,
+                     latency_ms=latency.get(s["stitch_id"]), pair="stitches")
+               for s in results.get("deployment", {}).get("stitches", [])]
+        summary = (f"{results['method']}: {len(pts)} trained networks, validation perplexity against parameters; "
+                   f"{results['train']['steps']} steps in {results['train']['seconds']:.0f} s.")
+        return write_html_report(out, f"esta palette: {results['method']} on {results['task']}", summary, pts,
+                                 _pair_curves(results, "perplexity"), PERPLEXITY, PARAMS)
+
+
+def _latencies(out: Path) -> dict[int, float]:
+    """Each stitch's profiled milliseconds, where the run's palette was profiled (``esta profile``)."""
+    table = Path(out) / "palette" / "palette.json"
+    try:
+        rows = json.loads(table.read_text())["stitches"] if table.is_file() else []
+    except (ValueError, KeyError, TypeError):
+        return {}  # a damaged table only costs the report its latencies
+    return {int(r["id"]): r["latency_ms"] for r in rows if r.get("latency_ms") is not None}
+
+
+def _pair_curves(results: dict, metric: str) -> list[dict]:
+    return [{"label": f"{c['front_name']}\u2192{c['end_name']}", "spearman": c.get("spearman"),
+             "points": [{"share": q["share"], "value": q[metric]} for q in c["points"] if q.get(metric) is not None]}
+            for c in results.get("pairs", [])]
 
 
 def summary_text(r: dict, out: str) -> str:
