@@ -14,6 +14,7 @@ from ..errors import EstaError
 from . import causal_lm, vision
 from .base import Anchor, FamilyKind
 from .causal_lm import CausalLMAnchor, convert_gguf
+from .timm_checkpoints import convert_timm, is_timm
 from .vision import VisionAnchor
 
 #: every kind of family esta can stitch: loading, the CLI and deployment all look here. A new kind is one file
@@ -88,6 +89,8 @@ def source_kind(source: str) -> str:
         return "vision"
     if source.endswith(".gguf"):
         return "causal-lm"
+    if is_timm(source):
+        return "vision"
     return family_kind(_config(source)[0])
 
 
@@ -133,7 +136,8 @@ def load_family(sources: list[str] | str, num_labels: int | None = None,
     if isinstance(sources, str):
         sources = mini_family_paths() if sources == MINI_FAMILY else [sources]
     sources = [s for part in sources for s in (mini_family_paths() if part == MINI_FAMILY else [part])]
-    sources = [convert_gguf(s) if s.endswith(".gguf") else s for s in sources]  # once, then cached safetensors
+    # once, then cached as transformers folders: GGUF files, timm checkpoints
+    sources = [convert_gguf(s) if s.endswith(".gguf") else convert_timm(s) if is_timm(s) else s for s in sources]
     if len(sources) < 2:
         raise EstaError(f"a family needs two or more anchors, got {len(sources)}")
     configs = [_config(s)[0] for s in sources]  # check every source before loading any weights
