@@ -45,6 +45,12 @@ def write_json(path: str | Path, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=1))
 
 
+def default_cache_dir() -> Path:
+    """Where esta caches built-in data, probes and conversions: ``$ESTA_CACHE`` if set, else ``~/.cache/esta``."""
+    configured = os.environ.get("ESTA_CACHE")
+    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "esta"
+
+
 def read_json(path: str | Path, what: str = "run") -> Any:
     """Every JSON file esta reads back (run.json, results.json, manifests, configs): damage (truncated, garbled,
     not UTF-8) or absence is one :class:`EstaError` naming the file, never a traceback; ``what`` names the folder

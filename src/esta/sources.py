@@ -203,7 +203,7 @@ def report_sources(online: bool = True, as_json: bool = False) -> str:
     """``esta sources``: the table (or its rows as JSON) for this machine's cache."""
     import json
 
-    from .data import default_cache_dir
+    from .files import default_cache_dir
 
     rows = check_sources(default_cache_dir(), online)
     return json.dumps(rows, indent=1) if as_json else sources_table(rows)

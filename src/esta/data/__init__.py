@@ -16,6 +16,7 @@ from typing import Literal
 from torch.utils.data import Dataset
 
 from ..errors import EstaError
+from ..files import default_cache_dir  # noqa: F401 - where it was first
 from .arrays import TensorImageDataset, stratified_split
 from .builtin import BUILTIN_TASKS, load_builtin
 from .folder import IMAGE_EXTENSIONS, ImageFolderDataset, read_image_folder
@@ -47,12 +48,6 @@ class ImageTask:
     train: Dataset
     test: Dataset
     classes: list[str]
-
-
-def default_cache_dir() -> Path:
-    """Where built-in tasks are cached: ``$ESTA_CACHE`` if set, else ``~/.cache/esta``."""
-    configured = os.environ.get("ESTA_CACHE")
-    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "esta"
 
 
 def load_image_task(spec: str, *, image_size: int, num_channels: int, cache_dir: str | os.PathLike[str] | None = None,
