@@ -61,3 +61,30 @@ def test_cli_space_json(capsys):
     assert main(["space", "--depths", "24,28", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["count"] == len(build_space([24, 28])) and out["depths"] == [24, 28]
+
+
+def test_the_peers_spaces_route_by_route():
+    """SN-Net without nearest stitching (732 for Ti/S/B) and SN-Netv2's two-way space with its three-segment routes
+    (134 for 12/24 blocks), rebuilt from their rules; SN-Net's nearest space is exactly esta's own."""
+    from esta.routes import peer_space, window_pairs
+
+    assert len(window_pairs(12)) == 34 and window_pairs(12)[:4] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    nearest = peer_space("snnet", [12, 12, 12])
+    ours = build_space([12, 12, 12])
+    assert {(r.segments[0][0], r.segments[0][2], r.segments[1][0], r.segments[1][1]) for r in nearest
+            if len(r.segments) == 2} == {(s.front, s.front_last, s.end, s.end_first) for s in ours.stitches
+                                          if not s.is_anchor}
+    every = peer_space("snnet-all", [12, 12, 12])
+    kinds = [r.kind for r in every]
+    assert len(every) == 732 and kinds.count("0->2") == 34 and kinds.count("0->1->2") == 627
+    chain = [r for r in every if r.kind == "0->1->2"]
+    assert all(r.segments[1][2] >= r.segments[1][1] for r in chain)  # the middle anchor runs one block or more
+    assert ((0, 0, 0), (1, 0, 11), (2, 11, 11)) in {r.segments for r in chain}  # c >= b, d from the window of c
+    v2 = peer_space("snnetv2", [12, 24])
+    kinds = [r.kind for r in v2]
+    assert len(v2) == 134 and (kinds.count("0->1"), kinds.count("1->0")) == (11, 11)
+    assert kinds.count("1->0->1") == kinds.count("0->1->0") == 55
+    assert all(r.segments[0][2] % 2 == 1 for r in v2 if r.kind == "1->0")  # odd cuts of the large anchor only
+    assert ((0, 0, 10), (1, 22, 23)) in {r.segments for r in v2} and ((0, 0, 11), (1, 24, 23)) not in \
+        {r.segments for r in v2}  # the cut after S's last block leaves no L block: built by SN-Netv2, not selectable
+    assert main(["space", "--peers", "snnetv2", "--depths", "12,24"]) == 0

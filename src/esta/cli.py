@@ -176,22 +176,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_space(args: argparse.Namespace) -> int:
     from .flags import build_config, given_settings
-    from .space import build_space
+    from .routes import describe_routes, peer_space
+    from .space import build_space, depths_of
     from .tasks import AdaptConfig
 
-    if args.anchors:
-        from .families import _config
-
-        # the same reader as training: local folders checked first, never remote code
-        depths = [_config(a)[0].num_hidden_layers for a in args.anchors]
-    elif args.depths:
-        depths = args.depths
-    else:
+    depths = depths_of(args.anchors) if args.anchors else args.depths
+    if not depths:
         raise EstaError("give --depths (e.g. 12,12,12) or --anchors")
     cfg = build_config(AdaptConfig(), given_settings(args, _space_flags()), _space_flags())  # what train builds
+    if args.peers:  # a peer's whole space, counted route by route (esta trains the two-segment routes)
+        print(describe_routes(peer_space(args.peers, depths, cfg.kernel, cfg.stride)))
+        return 0
     space = build_space(depths, kernel=cfg.kernel, stride=cfg.stride, pairing=cfg.pairing, two_way=cfg.two_way,
                         stitch_layers=cfg.stitch_layers)
-    print(space.to_json(indent=None if args.compact else 1) if args.json else space.describe())
+    print(space.to_json(indent=1) if args.json else space.describe())
     return 0
 
 
@@ -307,8 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--depths", type=int_list, default=None, help="comma-separated anchor depths, e.g. 12,12,12")
     p.add_argument("--anchors", nargs="*", default=None, help="read depths from these models instead")
     add_config_flags(p, _space_flags(), {AdaptConfig: AdaptConfig()})
+    p.add_argument("--peers", choices=["snnet", "snnet-all", "snnetv2"], help="count a peer's whole space instead")
     p.add_argument("--json", action="store_true", help="print the space as JSON")
-    p.add_argument("--compact", action="store_true", help="one-line JSON")
     p.set_defaults(func=cmd_space)
 
     p = sub.add_parser("report", help="write a run's report.html again (hover any stitch of the palette)")

@@ -118,6 +118,13 @@ class StitchSpace:
         return json.dumps(self.to_dict(), **kw)
 
 
+def depths_of(anchors: list[str]) -> list[int]:
+    """The depths of these anchor folders or hub ids, from their configs alone (no weights, never remote code)."""
+    from .families import _config
+
+    return [int(_config(a)[0].num_hidden_layers) for a in anchors]
+
+
 def natural_start(j: int, front_depth: int, end_depth: int) -> int:
     """The end-anchor block that naturally follows front block ``j`` (``j + 1`` for equal depths)."""
     # Half-up rounding, written out: Python's round() rounds halves to even, which would make the map depend on parity.
