@@ -150,14 +150,17 @@ def mc_scores(model: Model, tokenizer: Any, items: list[MCItem], progress: bool 
     """lm-evaluation-harness's ``acc`` (the choice with the highest summed log-likelihood) and ``acc_norm`` (the
     highest log-likelihood per character of the choice), with their 95 % intervals, over ``items``."""
     acc = acc_norm = 0
+    picks = []  # per item, the choice ``acc`` picks (to compare with another scorer question by question)
     for it in tqdm(items, desc=desc or "multiple choice", disable=not progress, leave=False):
         scores = continuation_logprob(model, tokenizer, it.context, [it.delimiter + c for c in it.choices])
         norm = [s / max(1, len(c)) for s, c in zip(scores, it.choices)]
-        acc += int(max(range(len(scores)), key=scores.__getitem__) == it.answer)
+        picks.append(max(range(len(scores)), key=scores.__getitem__))
+        acc += int(picks[-1] == it.answer)
         acc_norm += int(max(range(len(norm)), key=norm.__getitem__) == it.answer)
     n = len(items)
     a, an = acc / max(1, n), acc_norm / max(1, n)
-    return {"acc": a, "acc_norm": an, "n": n, "acc_ci95": interval95(a, n), "acc_norm_ci95": interval95(an, n)}
+    return {"acc": a, "acc_norm": an, "n": n, "acc_ci95": interval95(a, n), "acc_norm_ci95": interval95(an, n),
+            "picks": picks}
 
 
 def mc_accuracy(model: Model, tokenizer: Any, items: list[MCItem], progress: bool = False, desc: str = "") -> float:
