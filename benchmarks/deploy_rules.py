@@ -22,9 +22,9 @@ import json
 import statistics
 from pathlib import Path
 
-from esta.selection import choose
 from esta.evaluate import largest_drop
 from esta.importance import budget_groups
+from esta.selection import choose
 
 
 def replay(results: dict, truth: str = "test") -> dict[str, dict[str, float]]:

@@ -50,3 +50,18 @@ def install() -> None:
         _register()
     elif not any(isinstance(f, _AfterAutoImport) for f in sys.meta_path):
         sys.meta_path.insert(0, _AfterAutoImport())
+
+
+def quiet_libraries() -> None:
+    """For the command line: transformers' load reports and weight-loading bars would bury esta's own progress
+    (set without importing transformers now: its logging reads these when it is first imported)."""
+    import os
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "transformers" in sys.modules:  # already imported (a test calling main): set it directly
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()

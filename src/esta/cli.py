@@ -12,12 +12,6 @@ from pathlib import Path
 from .errors import EstaError
 from .flags import int_list
 
-
-def given(**kw) -> dict:
-    """The flags that were set: unset ones (None) keep the library's defaults, written only there."""
-    return {k: v for k, v in kw.items() if v is not None}
-
-
 # -- training: one command for every Task (lm-train: the same, for the language Task and its built-in sources) --
 #: what each training command changes in its config's defaults (shown in its help)
 COMMANDS = {"demo": {"out_dir": "runs/demo"}, "train": {"out_dir": "runs/train"}, "lm-train": {}}
@@ -46,9 +40,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .recipe import compare_alone, run
     from .tasks import config_from_file, task_class
 
-    if args.config:
-        config = replace(config_from_file(args.config), **given(out_dir=args.out, progress=args.progress),
-                         resume=bool(args.resume), overwrite=bool(args.overwrite))
+    if args.config:  # the file's settings; beside it only these flags
+        beside = {"out_dir": args.out, "progress": args.progress, "resume": bool(args.resume),
+                  "overwrite": bool(args.overwrite)}
+        config = replace(config_from_file(args.config), **{k: v for k, v in beside.items() if v is not None})
     else:
         config = training_config(args)
     results = run(config)
@@ -62,17 +57,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
+    from .budget import AXES
     from .runs import redeploy, save_run_palette
 
     if args.palette:
         folder = save_run_palette(args.run, args.out)
         size = sum(f.stat().st_size for f in folder.iterdir()) / 2**20
         print(f"wrote the whole palette to {folder} ({size:.1f} MB): load it with esta.serving.load_palette")
-        return 0
-
-    from .budget import AXES
-
-    for d in redeploy(args.run, args.budgets or None, args.out, allow_unfinished=args.allow_unfinished):
+    for d in [] if args.palette else redeploy(args.run, args.budgets or None, args.out, args.allow_unfinished):
         axis = next(a for key, a in AXES.items() if key in d)
         print(f"budget {axis.show(d['budget'])} -> {d['name']} ({axis.show(d[axis.key])}): {d['path']}")
     return 0
@@ -112,8 +104,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from .profile import profile_palette, summary_line
 
     table = profile_palette(args.palette, batch_size=args.batch_size, threads=args.threads, warmup=args.warmup,
-                            repeats=args.repeats, progress=not args.no_progress,
-                            **given(prompt_tokens=args.prompt_tokens))
+                            repeats=args.repeats, progress=not args.no_progress, prompt_tokens=args.prompt_tokens)
     print(summary_line(table, args.palette))
     return 0
 
@@ -121,8 +112,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from .serve import serve
 
-    serve(args.palette, host=args.host, port=args.port)
-    return 0
+    return serve(args.palette, host=args.host, port=args.port) or 0
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
@@ -200,12 +190,15 @@ def _space_flags():
 
 
 def _training_parser(sub, name: str, helptext: str, compare: str = "") -> None:
+    p = sub.add_parser(name, help=helptext)
+    p.set_defaults(func=cmd_train)
+    if not sub.wanted(name):
+        return
     from dataclasses import replace
 
     from .flags import add_config_flags
     from .tasks import AdaptConfig, LMAdaptConfig
 
-    p = sub.add_parser(name, help=helptext)
     defaults = {c: replace(c(), **COMMANDS[name]) for c in (AdaptConfig, LMAdaptConfig)}
     add_config_flags(p, _training_flags(), defaults, {AdaptConfig: "images", LMAdaptConfig: "language models"})
     p.add_argument("--compare", default=compare, help="also tune the anchors alone: anchors-lora, linear-probe "
@@ -215,28 +208,30 @@ def _training_parser(sub, name: str, helptext: str, compare: str = "") -> None:
     if name == "lm-train":
         p.add_argument("--pairs", type=int, default=20000, help="built-in sharegpt data: turns sampled")
         p.add_argument("--per-task", type=int, default=200, help="built-in natural-instructions: examples per task")
-    p.set_defaults(func=cmd_train)
 
 
-def _config_parser(sub, name: str, helptext: str, cls: type, func) -> argparse.ArgumentParser:
-    """A command whose flags are one config dataclass's fields (``esta.flags``)."""
+def _config_parser(sub, name: str, helptext: str, config: str, func) -> argparse.ArgumentParser:
+    """A command whose flags are one config dataclass's fields (``esta.flags``); ``config``: "module.Class"."""
+    import importlib
+
     from .flags import add_config_flags, config_flags
 
     p = sub.add_parser(name, help=helptext)
-    add_config_flags(p, config_flags(cls), {cls: cls()})
+    if sub.wanted(name):
+        module, cls = config.split(".")
+        cls = getattr(importlib.import_module(f".{module}", __package__), cls)
+        add_config_flags(p, config_flags(cls), {cls: cls()})
     p.set_defaults(func=func)
     return p
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from .analysis import GradAngleConfig
-    from .bench import BenchConfig
-    from .flags import add_config_flags
-    from .tasks import AdaptConfig
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """``only``: build the flags of that command alone (the others are listed, flagless)."""
+    from .flags import Commands, add_config_flags
 
     parser = argparse.ArgumentParser(prog="esta", description="Efficient Stitchable Task Adaptation")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = Commands(parser.add_subparsers(dest="command", required=True), only)
     _training_parser(sub, "demo", "adapt the shipped mini DeiT family to animal-shapes, deploy per budget, report",
                      compare="anchors-lora")
     _training_parser(sub, "train", "adapt a family to a task with ESTA (images, or a causal-LM family), deploy per "
@@ -244,9 +239,11 @@ def build_parser() -> argparse.ArgumentParser:
     _training_parser(sub, "lm-train", "esta train for a causal-LM family, fetching what is not given: the "
                      "Qwen2.5-Coder 0.5B/1.5B pair, ShareGPT turns, the multiple-choice sets")
 
-    p = _config_parser(sub, "bench", "every method on every task: bench.json, table, plots", BenchConfig, cmd_bench)
+    p = _config_parser(sub, "bench", "every method on every task: bench.json, table, plots", "bench.BenchConfig",
+                       cmd_bench)
     p.add_argument("--quick", action="store_true", help="smoke run (<= 10 min): BenchConfig.quick's settings")
-    p = _config_parser(sub, "analyze", "analyses of a family: grad-angles (Fig. 2)", GradAngleConfig, cmd_analyze)
+    p = _config_parser(sub, "analyze", "analyses of a family: grad-angles (Fig. 2)", "analysis.GradAngleConfig",
+                       cmd_analyze)
     p.add_argument("analysis", choices=["grad-angles"])
 
     for name, helptext in (("generate", "generate a reply to --prompt with a deployed LLM stitch"),
@@ -263,7 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("deploy", help="deploy again from a finished run (image or language), e.g. for other budgets")
     p.add_argument("--run", required=True, help="the run folder (with run.json and checkpoint/)")
-    add_config_flags(p, [f for f in _training_flags() if f.path == "budgets"], {AdaptConfig: AdaptConfig()})
+    if sub.wanted("deploy"):  # the budgets flag of training, with the image Task's default
+        flags = [f for f in _training_flags() if f.path == "budgets"]
+        add_config_flags(p, flags, {flags[0].owners[0]: flags[0].owners[0]()})
     p.add_argument("--out", default=None, help="where to write (default RUN/deployed, replaced whole)")
     p.add_argument("--allow-unfinished", action="store_true", help="deploy a checkpoint short of its last step")
     p.add_argument("--palette", action="store_true", help="the whole palette as one artifact (OUT: RUN/palette)")
@@ -304,7 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("space", help="list the stitches of a family")
     p.add_argument("--depths", type=int_list, default=None, help="comma-separated anchor depths, e.g. 12,12,12")
     p.add_argument("--anchors", nargs="*", default=None, help="read depths from these models instead")
-    add_config_flags(p, _space_flags(), {AdaptConfig: AdaptConfig()})
+    if sub.wanted("space"):
+        flags = _space_flags()
+        add_config_flags(p, flags, {flags[0].owners[0]: flags[0].owners[0]()})
     p.add_argument("--peers", choices=["snnet", "snnet-all", "snnetv2"], help="count a peer's whole space instead")
     p.add_argument("--json", action="store_true", help="print the space as JSON")
     p.set_defaults(func=cmd_space)
@@ -329,9 +330,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(next((a for a in argv if not a.startswith("-")), "")).parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(name)s: %(message)s")
-    from .families import quiet_libraries
+    from ._register import quiet_libraries
 
     quiet_libraries()
     try:

@@ -204,3 +204,19 @@ def build_config(base: Any, settings: dict[str, Any], flags: list[Flag],
         return replace(obj, **changes) if changes else obj
 
     return apply(base, "")
+
+
+class Commands:
+    """``add_subparsers`` whose flags are built only for the command being run: the flags made from the configs
+    import torch and the Tasks (seconds), which ``esta --help``, ``esta sources`` or ``esta serve`` need not pay.
+    Every command is still listed; one that is not ``only`` gets a parser that keeps no flags."""
+
+    def __init__(self, sub: Any, only: str | None) -> None:
+        self.sub, self.only = sub, only
+
+    def wanted(self, name: str) -> bool:
+        return self.only is None or self.only == name
+
+    def add_parser(self, name: str, **kw: Any) -> argparse.ArgumentParser:
+        p = self.sub.add_parser(name, **kw)
+        return p if self.wanted(name) else argparse.ArgumentParser(add_help=False)

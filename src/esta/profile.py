@@ -125,10 +125,11 @@ def summary_line(table: dict, folder: str | Path) -> str:
 
 
 def profile_palette(folder: str | Path, batch_size: int = 1, threads: int | None = None, warmup: int = 3,
-                    repeats: int = 20, progress: bool = True, prompt_tokens: int = PROMPT_TOKENS) -> dict:
+                    repeats: int = 20, progress: bool = True, prompt_tokens: int | None = None) -> dict:
     """Measure every servable stitch of the saved palette in ``folder`` and write ``latency_ms`` into each row of
     its table (per image forward; for a language palette, per generated token after ``prompt_tokens``), with how it
     was measured (batch size, threads, repeats, unit, the machine) under ``latency``."""
+    prompt_tokens = PROMPT_TOKENS if prompt_tokens is None else prompt_tokens
     for name, v in (("batch size", batch_size), ("repeats", repeats), ("prompt tokens", prompt_tokens)):
         if v < 1:
             raise EstaError(f"{name} must be at least 1, got {v}")

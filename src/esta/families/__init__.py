@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 from contextlib import contextmanager
 from pathlib import Path
@@ -92,15 +91,6 @@ def source_kind(source: str) -> str:
     if is_timm(source):
         return "vision"
     return family_kind(_config(source)[0])
-
-
-def quiet_libraries() -> None:
-    """For the command line: transformers' load reports and weight-loading bars would bury esta's own progress."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
 
 
 @contextmanager
