@@ -13,6 +13,7 @@ import ast
 import dataclasses
 import inspect
 import textwrap
+import types
 import typing
 from dataclasses import dataclass, fields, is_dataclass, replace
 from typing import Any, Literal, get_args, get_origin
@@ -89,9 +90,9 @@ def _flag_name(path: str) -> str:
 
 
 def _strip_none(hint: Any) -> Any:
+    """``X | None`` -> ``X``; any other hint as it is."""
     args = [a for a in get_args(hint) if a is not type(None)]
-    return args[0] if get_origin(hint) in (typing.Union, getattr(__import__("types"), "UnionType")) \
-        and len(args) == 1 else hint
+    return args[0] if get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1 else hint
 
 
 def config_flags(*config_classes: type) -> list[Flag]:

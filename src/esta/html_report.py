@@ -17,6 +17,23 @@ from pathlib import Path
 from .files import atomic_write
 
 
+def profiled_latencies(out: Path) -> dict[int, float]:
+    """Each stitch's profiled milliseconds, where the run's palette was profiled (``esta profile``)."""
+    table = Path(out) / "palette" / "palette.json"
+    try:
+        rows = json.loads(table.read_text())["stitches"] if table.is_file() else []
+    except (ValueError, KeyError, TypeError):
+        return {}  # a damaged table only costs the report its latencies
+    return {int(r["id"]): r["latency_ms"] for r in rows if r.get("latency_ms") is not None}
+
+
+def report_curves(results: dict, metric: str) -> list[dict]:
+    """The per-pair curves of a run's ``results["pairs"]`` (``esta.pairs``), as the page draws them."""
+    return [{"label": f"{c['front_name']}\u2192{c['end_name']}", "spearman": c.get("spearman"),
+             "points": [{"share": q["share"], "value": q[metric]} for q in c["points"] if q.get(metric) is not None]}
+            for c in results.get("pairs", [])]
+
+
 def point(kind: str, name: str, cost: float, value: float | None, **extra) -> dict:
     """One thing on the plot: ``kind`` is "stitch", "anchor", "alone" (an anchor tuned alone) or "probe"."""
     return {"kind": kind, "name": name, "cost": cost, "value": value, **extra}

@@ -58,7 +58,7 @@ def snnet_routes(depths: list[int], kernel: int = 2, stride: int = 1, nearest: b
     pairs = window_pairs(depth, kernel, stride)
     routes = [Route(((a, 0, depth - 1),)) for a in range(n)]
     for combo in (c for k in (2, 3) for c in combinations(range(n), k)):
-        if nearest and any(b - a != 1 for a, b in zip(combo, combo[1:])) or (nearest and len(combo) == 3):
+        if nearest and (len(combo) == 3 or combo[1] - combo[0] != 1):  # nearest: neighbouring pairs only
             continue
         if len(combo) == 2:
             f, e = combo

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import io
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -34,7 +33,7 @@ from ..deploy import DeployedStitch
 from ..errors import EstaError
 from ..evaluate import accuracy, largest_drop, spearman, sweep
 from ..families import anchor_names, load_family
-from ..html_report import point, write_html_report
+from ..html_report import point, profiled_latencies, report_curves, write_html_report
 from ..methods import get_method
 from ..pairs import pair_curves
 from ..palette import Palette
@@ -241,7 +240,7 @@ def write_report(results: dict, out: Path, plot: bool) -> None:
 def html_report(results: dict, out: Path) -> Path:
     names = {a["stitch_id"]: a["name"] for a in results.get("anchors_in_palette", [])}
     label = {(c["front"], c["end"]): f"{c['front_name']}\u2192{c['end_name']}" for c in results.get("pairs", [])}
-    latency = _latencies(out)
+    latency = profiled_latencies(out)
     pts = [point("anchor" if s["is_anchor"] else "stitch", names.get(s["id"], s["name"]) if s["is_anchor"]
                  else s["name"], s["flops"], s["accuracy"], params=s["params"], updates=s["updates"],
                  importance=s["importance"], deployed=bool(s["deployed"]), latency_ms=latency.get(s["id"]),
@@ -255,23 +254,7 @@ def html_report(results: dict, out: Path) -> Path:
                f"{results['train']['seconds']:.0f} s ({results['train']['steps']} steps); deployed by "
                f"{results.get('deploy_by')} at {len(results.get('deployed', []))} budgets: {', '.join(deployed)}.")
     return write_html_report(out, f"esta palette: {results['method']} on {results['task']}", summary, pts,
-                             _pair_curves(results, "accuracy"), ACCURACY, FLOPS)
-
-
-def _latencies(out: Path) -> dict[int, float]:
-    """Each stitch's profiled milliseconds, where the run's palette was profiled (``esta profile``)."""
-    table = Path(out) / "palette" / "palette.json"
-    try:
-        rows = json.loads(table.read_text())["stitches"] if table.is_file() else []
-    except (ValueError, KeyError, TypeError):
-        return {}  # a damaged table only costs the report its latencies
-    return {int(r["id"]): r["latency_ms"] for r in rows if r.get("latency_ms") is not None}
-
-
-def _pair_curves(results: dict, metric: str) -> list[dict]:
-    return [{"label": f"{c['front_name']}\u2192{c['end_name']}", "spearman": c.get("spearman"),
-             "points": [{"share": q["share"], "value": q[metric]} for q in c["points"] if q.get(metric) is not None]}
-            for c in results.get("pairs", [])]
+                             report_curves(results, "accuracy"), ACCURACY, FLOPS)
 
 
 def image_results(config: AdaptConfig, task, palette: Palette, costs, result, choices, sweep_acc: dict[int, float],

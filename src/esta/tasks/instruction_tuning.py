@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import io
-import json
 import logging
 import random
 import time
@@ -30,7 +29,7 @@ from ..errors import EstaError
 from ..evaluate import spearman
 from ..families import anchor_names, load_family
 from ..files import write_json
-from ..html_report import point, write_html_report
+from ..html_report import point, profiled_latencies, report_curves, write_html_report
 from ..importance import SamplingConfig
 from ..instruct import (
     build_dataset,
@@ -359,7 +358,7 @@ class InstructionTuning(Task):
         """``report.html``: every trained stitch's validation perplexity against its parameters."""
         anchors = {a["stitch_id"]: a for a in results.get("anchors", [])}
         deployed = {d["stitch_id"] for d in results.get("deployed", [])}
-        latency = _latencies(out)
+        latency = profiled_latencies(out)
         pts = [point("anchor" if s["stitch_id"] in anchors else "stitch",
                      Path(anchors[s["stitch_id"]]["source"]).name if s["stitch_id"] in anchors else s["name"],
                      s["params"], s["validation_perplexity"], params=s["params"], updates=s["updates"],
@@ -369,23 +368,7 @@ class InstructionTuning(Task):
         summary = (f"{results['method']}: {len(pts)} trained networks, validation perplexity against parameters; "
                    f"{results['train']['steps']} steps in {results['train']['seconds']:.0f} s.")
         return write_html_report(out, f"esta palette: {results['method']} on {results['task']}", summary, pts,
-                                 _pair_curves(results, "perplexity"), PERPLEXITY, PARAMS)
-
-
-def _latencies(out: Path) -> dict[int, float]:
-    """Each stitch's profiled milliseconds, where the run's palette was profiled (``esta profile``)."""
-    table = Path(out) / "palette" / "palette.json"
-    try:
-        rows = json.loads(table.read_text())["stitches"] if table.is_file() else []
-    except (ValueError, KeyError, TypeError):
-        return {}  # a damaged table only costs the report its latencies
-    return {int(r["id"]): r["latency_ms"] for r in rows if r.get("latency_ms") is not None}
-
-
-def _pair_curves(results: dict, metric: str) -> list[dict]:
-    return [{"label": f"{c['front_name']}\u2192{c['end_name']}", "spearman": c.get("spearman"),
-             "points": [{"share": q["share"], "value": q[metric]} for q in c["points"] if q.get(metric) is not None]}
-            for c in results.get("pairs", [])]
+                                 report_curves(results, "perplexity"), PERPLEXITY, PARAMS)
 
 
 def summary_text(r: dict, out: str) -> str:
