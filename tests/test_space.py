@@ -46,7 +46,8 @@ def test_natural_start_rounds_half_up():
 
 def test_options_change_the_space():
     assert len(build_space([12, 12, 12], two_way=True)) == 3 + 4 * 34
-    assert len(build_space([12, 12, 12], pairing="all")) == 3 + 3 * 34
+    assert len(build_space([12, 12, 12], pairing="all")) == 732  # SN-Net without nearest stitching
+    assert len(build_space([12, 12, 24], pairing="all")) == 3 + 34 + 2 * 45  # unequal depths: two-segment pairs
     assert len(build_space([12, 12], kernel=1)) == 2 + 12
 
 

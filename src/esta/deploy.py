@@ -65,6 +65,28 @@ def built_in(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(before)
 
 
+def stitch_dict(s: Stitch) -> dict:
+    """The stitch as saved: a two-segment one without the (empty) fields of a middle segment."""
+    d = asdict(s)
+    return d if s.mid is not None else {k: v for k, v in d.items() if k not in ("mid", "mid_first", "mid_last",
+                                                                                  "layer2")}
+
+
+def _plain_layer(src: nn.Module, stitch: int, dtype: torch.dtype) -> StitchingLayer:
+    """A palette's (maybe PST-wrapped) stitching layer as a plain one with the stitch's update and bias merged."""
+    base = src.base if isinstance(src, StitchLinear) else src
+    layer = StitchingLayer(src.in_features, src.out_features, getattr(base, "tokens", 0), dtype=dtype)
+    _load_plain(layer, src, stitch)
+    return layer.eval()
+
+
+def _layer_shape(layer: StitchingLayer | None) -> list[int] | None:
+    """[in, out] or, with per-position offsets, [in, out, positions] (what ``StitchingLayer(*shape)`` takes)."""
+    if layer is None:
+        return None
+    return [layer.in_features, layer.out_features] + ([layer.tokens] if getattr(layer, "tokens", 0) else [])
+
+
 def _part(src: Anchor, first: int, last: int, embed: bool, head: bool, stitch: int) -> Anchor:
     with built_in(weight_dtype(src.blocks)):
         part = type(src).build_part(src.spec(), first, last, embed, head)
@@ -78,35 +100,48 @@ def _part(src: Anchor, first: int, last: int, embed: bool, head: bool, stitch: i
 
 
 class DeployedStitch(nn.Module):
-    """A stitch as a standalone network: ``model(inputs)`` gives what ``palette(inputs, stitch=id)`` gave."""
+    """A stitch as a standalone network: ``model(inputs)`` gives what ``palette(inputs, stitch=id)`` gave. A
+    three-segment route also has a middle part and a second stitching layer (``mid``, ``stitching2``)."""
 
     def __init__(self, stitch: Stitch, front: Anchor, end: Anchor | None, stitching: StitchingLayer | None,
-                 meta: dict | None = None) -> None:
+                 meta: dict | None = None, mid: Anchor | None = None,
+                 stitching2: StitchingLayer | None = None) -> None:
         super().__init__()
         self.stitch = stitch
         self.front = front
         self.end = end
         self.stitching = stitching
+        if mid is not None:  # only then: a two-segment stitch keeps the state-dict keys it always had
+            self.mid = mid
+            self.stitching2 = stitching2
         self.meta = dict(meta or {})
 
+    def parts(self) -> tuple[list[Anchor], list[StitchingLayer]]:
+        """The part that runs each segment and the stitching layers between them (see ``run_stitch``)."""
+        if self.end is None:
+            return [self.front], []
+        if getattr(self, "mid", None) is None:
+            return [self.front, self.end], [self.stitching]
+        return [self.front, self.mid, self.end], [self.stitching, self.stitching2]
+
     def forward(self, inputs: Any) -> torch.Tensor:
-        return run_stitch(self.front, self.end if self.end is not None else self.front, self.stitching,
-                          self.stitch, inputs)
+        return run_stitch(*self.parts(), self.stitch, inputs)
 
     @classmethod
     def from_palette(cls, palette: Palette, stitch_id: int, meta: dict | None = None) -> "DeployedStitch":
         s = palette.space[stitch_id]
-        fa, ea = palette.anchors[s.front], palette.anchors[s.end]
+        segments = s.segments
+        parts = []
+        for k, (a, first, last) in enumerate(segments):
+            src = palette.anchors[a]
+            parts.append(_part(src, first, src.depth - 1 if last is None else last, k == 0, k == len(segments) - 1,
+                               stitch_id))
+        layers = [_plain_layer(palette.stitching[key], stitch_id, weight_dtype(parts[0])) for key in s.layer_keys]
         if s.is_anchor:
-            return cls(s, _part(fa, 0, fa.depth - 1, True, True, stitch_id), None, None, meta)
-        front = _part(fa, 0, s.front_last, True, False, stitch_id)
-        end = _part(ea, s.end_first, ea.depth - 1, False, True, stitch_id)
-        src = palette.stitching[s.layer]
-        base = src.base if isinstance(src, StitchLinear) else src
-        layer = StitchingLayer(src.in_features, src.out_features, getattr(base, "tokens", 0),
-                               dtype=weight_dtype(front))
-        _load_plain(layer, src, stitch_id)
-        return cls(s, front, end, layer.eval(), meta)
+            return cls(s, parts[0], None, None, meta)
+        if s.mid is None:
+            return cls(s, parts[0], parts[1], layers[0], meta)
+        return cls(s, parts[0], parts[2], layers[0], meta, mid=parts[1], stitching2=layers[1])
 
     def save_pretrained(self, folder: str | Path) -> Path:
         folder = Path(folder)
@@ -114,16 +149,15 @@ class DeployedStitch(nn.Module):
         config = {
             "format": FORMAT,
             "version": 1,
-            "stitch": asdict(self.stitch),
+            "stitch": stitch_dict(self.stitch),
             "front": self.front.spec(),
             "end": self.end.spec() if self.end is not None else None,
-            # [in, out] or, with per-position offsets, [in, out, positions]
-            "stitching": ([self.stitching.in_features, self.stitching.out_features]
-                          + ([self.stitching.tokens] if getattr(self.stitching, "tokens", 0) else [])
-                          if self.stitching else None),
+            "stitching": _layer_shape(self.stitching),
             "dtype": str(weight_dtype(self)).removeprefix("torch."),
             "meta": self.meta,
         }
+        if getattr(self, "mid", None) is not None:
+            config.update(mid=self.mid.spec(), stitching2=_layer_shape(self.stitching2))
         config["checksum"] = _checksum(config)
         tensors = {k: v.contiguous() for k, v in self.state_dict().items()}
         broken = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
@@ -213,21 +247,23 @@ class DeployedStitch(nn.Module):
     @classmethod
     def _build(cls, cfg: dict) -> "DeployedStitch":
         s = Stitch(**cfg["stitch"])
-        fspec, espec = cfg["front"], cfg["end"]
-        fcls = _anchor_class(fspec["family"])
-        depth = _depth(fspec)
-        if not s.is_anchor and not (0 <= s.front_last < depth and 0 <= s.end_first < _depth(espec)):
-            raise ValueError(f"cut {s.front_last}/{s.end_first} is outside the anchors' {depth} blocks")
+        specs = {"front": cfg["front"], "mid": cfg.get("mid"), "end": cfg["end"]}
+        roles = ["front"] if s.is_anchor else ["front", "end"] if s.mid is None else ["front", "mid", "end"]
+        parts = []
         with built_in(getattr(torch, cfg.get("dtype", "float32"))):
-            if s.is_anchor:
-                front = fcls.build_part(fspec, 0, depth - 1, True, True)
-                end, layer = None, None
-            else:
-                front = fcls.build_part(fspec, 0, s.front_last, True, False)
-                ecls = _anchor_class(espec["family"])
-                end = ecls.build_part(espec, s.end_first, _depth(espec) - 1, False, True)
-                layer = StitchingLayer(*cfg["stitching"])
-        return cls(s, front, end, layer, cfg.get("meta"))
+            for k, ((_, first, last), role) in enumerate(zip(s.segments, roles, strict=True)):
+                spec = specs[role]
+                depth = _depth(spec)
+                last = depth - 1 if last is None else last
+                if not 0 <= first <= last < depth:
+                    raise ValueError(f"{role} blocks {first}-{last} are outside its {depth} blocks")
+                parts.append(_anchor_class(spec["family"]).build_part(spec, first, last, k == 0, k == len(roles) - 1))
+            layers = [StitchingLayer(*cfg[key]) for key in ("stitching", "stitching2")[:len(roles) - 1]]
+        if s.is_anchor:
+            return cls(s, parts[0], None, None, cfg.get("meta"))
+        if s.mid is None:
+            return cls(s, parts[0], parts[1], layers[0], cfg.get("meta"))
+        return cls(s, parts[0], parts[2], layers[0], cfg.get("meta"), mid=parts[1], stitching2=layers[1])
 
 
 def hf_config(esta_config: dict, classes: list[str] | None = None):
@@ -236,6 +272,8 @@ def hf_config(esta_config: dict, classes: list[str] | None = None):
     parts = {"stitch": esta_config["stitch"], "front": esta_config["front"], "end": esta_config["end"],
              "stitching": esta_config["stitching"], "esta_dtype": esta_config.get("dtype", "float32"),
              "esta_meta": esta_config.get("meta", {})}
+    if esta_config.get("mid") is not None:  # a three-segment route
+        parts.update(mid=esta_config["mid"], stitching2=esta_config["stitching2"])
     return _anchor_class(esta_config["front"]["family"]).stitch_config(parts, esta_config, classes)
 
 
@@ -252,13 +290,16 @@ def _mismatch(cfg_path: Path, e: Exception) -> EstaError:
                      f"{str(e).splitlines()[0][:160]}); deploy the stitch again")
 
 
-#: the parts of a deployed config that decide its predictions (meta, e.g. the class names, may be edited)
+#: the parts of a deployed config that decide its predictions (meta, e.g. the class names, may be edited);
+#: a three-segment route's middle part and second layer, only where present (older checksums stay valid)
 _CHECKED = ("stitch", "front", "end", "stitching", "dtype")
+_CHECKED_IF_PRESENT = ("mid", "stitching2")
 
 
 def _checksum(cfg: dict) -> str:
     """SHA-256 of what decides the stitch's predictions: architecture, cut and preprocessing (mean/std)."""
-    as_read = json.loads(json.dumps({k: cfg.get(k) for k in _CHECKED}))  # as a reader sees it (int keys -> str)
+    checked = {k: cfg.get(k) for k in _CHECKED} | {k: cfg[k] for k in _CHECKED_IF_PRESENT if k in cfg}
+    as_read = json.loads(json.dumps(checked))  # as a reader sees it (int keys -> str)
     blob = json.dumps(as_read, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()
 

@@ -18,22 +18,28 @@ CAUSAL_LM_ARCHITECTURE = "StitchForCausalLM"
 
 
 class StitchConfig(PretrainedConfig):
-    """The parts of a deployed stitch, as ``esta_stitch.json`` records them (anchor specs, cut, stitching layer)."""
+    """The parts of a deployed stitch, as ``esta_stitch.json`` records them (anchor specs, cut, stitching layer;
+    a three-segment route also its middle anchor and second stitching layer)."""
 
     def __init__(self, stitch: dict | None = None, front: dict | None = None, end: dict | None = None,
                  stitching: list[int] | None = None, esta_dtype: str = "float32", esta_meta: dict | None = None,
-                 **kwargs: Any) -> None:
+                 mid: dict | None = None, stitching2: list[int] | None = None, **kwargs: Any) -> None:
         self.stitch = stitch
         self.front = front
         self.end = end
         self.stitching = stitching
         self.esta_dtype = esta_dtype
         self.esta_meta = esta_meta or {}
+        self.mid = mid
+        self.stitching2 = stitching2
         super().__init__(**kwargs)
 
     def esta_config(self) -> dict:
+        # getattr: transformers may build a config without calling __init__ with every field (an older config.json)
+        mid = getattr(self, "mid", None)
+        three = {"mid": mid, "stitching2": getattr(self, "stitching2", None)} if mid is not None else {}
         return {"stitch": self.stitch, "front": self.front, "end": self.end, "stitching": self.stitching,
-                "dtype": self.esta_dtype}
+                "dtype": self.esta_dtype, **three}
 
 
 class StitchImageConfig(StitchConfig):

@@ -55,6 +55,8 @@ class _StitchModel(PreTrainedModel):
 
         built = DeployedStitch._build(config.esta_config())
         self.front, self.end, self.stitching = built.front, built.end, built.stitching
+        if getattr(built, "mid", None) is not None:  # a three-segment route (keys mid.*, stitching2.*)
+            self.mid, self.stitching2 = built.mid, built.stitching2
         self.esta_stitch = built.stitch
         self.post_init()
 
@@ -71,10 +73,10 @@ class _StitchModel(PreTrainedModel):
 
     def _run(self, inputs: Any) -> torch.Tensor:
         # esta's modules are imported late: registration may run while one of them is being imported
+        from .deploy import DeployedStitch
         from .palette import run_stitch
 
-        end = self.end if self.end is not None else self.front
-        return run_stitch(self.front, end, self.stitching, self.esta_stitch, inputs)
+        return run_stitch(*DeployedStitch.parts(self), self.esta_stitch, inputs)
 
 
 class StitchForImageClassification(_StitchModel):
@@ -101,7 +103,7 @@ class StitchCache(Cache):
     front part's."""
 
     def __init__(self, model: "StitchForCausalLM") -> None:
-        parts = [model.front] + ([model.end] if model.end is not None else [])
+        parts = [model.front] + [p for p in (getattr(model, "mid", None), model.end) if p is not None]
         self.by_part = {id(p): DynamicCache(config=p.config) for p in parts}  # keyed as the anchors look them up
         super().__init__(layers=[layer for c in self.by_part.values() for layer in c.layers])
 

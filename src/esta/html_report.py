@@ -34,6 +34,13 @@ def report_curves(results: dict, metric: str) -> list[dict]:
             for c in results.get("pairs", [])]
 
 
+def route_label(row: dict, pair_names: dict[tuple[int, int], str]) -> str:
+    """The legend entry of a stitch row: its pair's names, or the anchors of a three-segment route in order."""
+    if row.get("mid") is None:
+        return pair_names.get((row["front"], row["end"]), f"{row['front']}\u2192{row['end']}")
+    return "\u2192".join(str(a) for a in (row["front"], row["mid"], row["end"]))
+
+
 def point(kind: str, name: str, cost: float, value: float | None, **extra) -> dict:
     """One thing on the plot: ``kind`` is "stitch", "anchor", "alone" (an anchor tuned alone) or "probe"."""
     return {"kind": kind, "name": name, "cost": cost, "value": value, **extra}

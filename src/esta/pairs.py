@@ -23,12 +23,13 @@ def pair_curves(stitches: list[dict[str, Any]], metric: str = "accuracy", cost: 
     """One entry per anchor pair of ``stitches`` (rows of results.json's ``stitches``: ``id``, ``name``,
     ``is_anchor``, ``front``, ``end``, ``front_last``, ``end_first``, the cost and the metric); rows without a
     metric are skipped. ``depths``: each anchor's number of blocks (default: read from the cuts)."""
-    rows = [s for s in stitches if s.get(metric) is not None]
+    # a three-segment route (``mid`` set) belongs to no one pair of anchors: it is left out of the curves
+    rows = [s for s in stitches if s.get(metric) is not None and s.get("mid") is None]
     anchors = {s["front"]: s for s in rows if s["is_anchor"]}
     if depths is None:
         depths_of: dict[int, int] = {}
         for s in stitches:
-            if not s["is_anchor"]:
+            if not s["is_anchor"] and s.get("mid") is None:
                 depths_of[s["front"]] = max(depths_of.get(s["front"], 0), s["front_last"] + 1)
                 depths_of[s["end"]] = max(depths_of.get(s["end"], 0), s["end_first"] + 1)
     sign = 1.0 if higher_is_better else -1.0

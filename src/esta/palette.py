@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -14,24 +14,22 @@ from .space import Stitch, StitchSpace, build_space
 from .stitching import init_least_squares, make_stitching_layers
 
 
-def run_stitch(front: Anchor, end: Anchor, stitching: nn.Module | None, stitch: Stitch, inputs: Any) -> torch.Tensor:
-    """Embed with the front anchor, run its blocks ``0..j``, map, run the end anchor's blocks ``m..`` and its head.
+def run_stitch(parts: Sequence[Anchor], layers: Sequence[nn.Module], stitch: Stitch, inputs: Any) -> torch.Tensor:
+    """Embed with the first part, run each segment's blocks, map between segments, finish with the last one's head.
 
-    The one forward of a stitch, shared by the palette and by a deployed stitch, so the two agree by construction.
+    ``parts``: the anchor (or deployed part) of each of ``stitch.segments``; ``layers``: the stitching layers between
+    them. The one forward of a stitch, shared by the palette and by a deployed stitch, so the two agree by
+    construction.
     """
-    h = front.embed(inputs)
-    ctx = front.context(inputs, h)
-    if stitch.is_anchor:
-        for i in range(front.depth):
-            h = front.block(i, h, ctx)
-        return front.head(h, ctx)
-    for i in range(stitch.front_last + 1):
-        h = front.block(i, h, ctx)
-    h = stitching(h)
-    ctx = end.context(inputs, h, stitch.end_first)  # each anchor keeps its own masks / rotary tables / cache
-    for i in range(stitch.end_first, end.depth):
-        h = end.block(i, h, ctx)
-    return end.head(h, ctx)
+    h = parts[0].embed(inputs)
+    ctx = parts[0].context(inputs, h)
+    for k, ((_, first, last), part) in enumerate(zip(stitch.segments, parts, strict=True)):
+        if k:
+            h = layers[k - 1](h)
+            ctx = part.context(inputs, h, first)  # each anchor keeps its own masks / rotary tables / cache
+        for i in range(first, part.depth if last is None else last + 1):
+            h = part.block(i, h, ctx)
+    return parts[-1].head(h, ctx)
 
 
 class Palette(nn.Module):
@@ -65,9 +63,9 @@ class Palette(nn.Module):
 
     def forward(self, inputs: Any, stitch: int) -> torch.Tensor:
         s = self.space[stitch]
-        layer = self.stitching[s.layer] if s.layer is not None else None
+        parts = [self.anchors[a] for a, _, _ in s.segments]
         with self.active.running(stitch):  # this thread's stitch, for this forward only (pst.ActiveStitch)
-            return run_stitch(self.anchors[s.front], self.anchors[s.end], layer, s, inputs)
+            return run_stitch(parts, [self.stitching[k] for k in s.layer_keys], s, inputs)
 
     @torch.no_grad()
     def init_stitching(self, inputs: Any, ridge: float = 0.0, progress: bool = False,
@@ -85,22 +83,19 @@ class Palette(nn.Module):
 
     # -- which parameters a stitch runs through -----------------------------------------------------------------
     def uses_block(self, s: Stitch, anchor: int, block: int) -> bool:
-        if s.is_anchor:
-            return s.front == anchor
-        return (s.front == anchor and block <= s.front_last) or (s.end == anchor and block >= s.end_first)
+        return any(a == anchor and first <= block and (last is None or block <= last) for a, first, last in s.segments)
 
     def path_modules(self, stitch: int) -> Iterator[nn.Module]:
         s = self.space[stitch]
-        front, end = self.anchors[s.front], self.anchors[s.end]
-        yield from front.embed_modules().values()
-        last = front.depth - 1 if s.is_anchor else s.front_last
-        for i in range(last + 1):
-            yield front.block_module(i)
-        if not s.is_anchor:
-            yield self.stitching[s.layer]
-            for i in range(s.end_first, end.depth):
-                yield end.block_module(i)
-        yield from end.head_modules().values()
+        segments = s.segments
+        yield from self.anchors[segments[0][0]].embed_modules().values()
+        for k, (a, first, last) in enumerate(segments):
+            if k:
+                yield self.stitching[s.layer_keys[k - 1]]
+            anchor = self.anchors[a]
+            for i in range(first, anchor.depth if last is None else last + 1):
+                yield anchor.block_module(i)
+        yield from self.anchors[segments[-1][0]].head_modules().values()
 
     def path_parameters(self, stitch: int) -> list[nn.Parameter]:
         """Trainable parameters on the stitch's path; of the stitch-specific biases, only its own."""
@@ -139,7 +134,7 @@ class Palette(nn.Module):
                                     self.active, users, config.bias, config.no_bias_targets):
                     raise EstaError(f"anchor {a} block {i} has no linear layer named any of {list(targets)}")
         for key in list(self.stitching.keys()):
-            users = [s.id for s in self.space.cuts_of_layer(key)]
+            users = [s.id for s in self.space.users_of_layer(key)]
             self.stitching[key] = StitchLinear(self.stitching[key], config.stitch_lora_rank,
                                                config.stitch_lora_alpha, self.active, users, config.bias)
 

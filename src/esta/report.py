@@ -29,6 +29,11 @@ def write_results(results: dict, out_dir: Path) -> None:
     atomic_write(out_dir / "results.csv", write_csv)
 
 
+def _route(s: dict) -> tuple[int, ...]:
+    """The anchors a stitch row runs through, in order (a three-segment route has a middle one)."""
+    return (s["front"], s["end"]) if s.get("mid") is None else (s["front"], s["mid"], s["end"])
+
+
 def pareto_plot(results: dict, path: Path, title: str = "") -> None:
     """Every stitch as a dot, anchors as stars, deployed stitches ringed and joined: accuracy vs GFLOPs."""
     stitches = [s for s in results["stitches"] if s.get("accuracy") is not None]
@@ -36,12 +41,12 @@ def pareto_plot(results: dict, path: Path, title: str = "") -> None:
     fig = Figure(figsize=(12 if curves else 7, 4.5), dpi=120)
     axes = fig.subplots(1, 2, gridspec_kw={"width_ratios": [7, 5]}) if curves else [fig.subplots()]
     ax = axes[0]
-    pairs = sorted({(s["front"], s["end"]) for s in stitches if not s["is_anchor"]})
+    routes = sorted({_route(s) for s in stitches if not s["is_anchor"]})
     cmap = colormaps["tab10"]
-    for k, (a, b) in enumerate(pairs):
-        pts = [s for s in stitches if not s["is_anchor"] and (s["front"], s["end"]) == (a, b)]
+    for k, route in enumerate(routes):
+        pts = [s for s in stitches if not s["is_anchor"] and _route(s) == route]
         ax.scatter([s["flops"] / 1e9 for s in pts], [100 * s["accuracy"] for s in pts], s=14, alpha=0.55,
-                   color=cmap(k % 10), label=f"stitches {a}\u2192{b}")
+                   color=cmap(k % 10), label="stitches " + "\u2192".join(map(str, route)))
     anchors = [s for s in stitches if s["is_anchor"]]
     ax.scatter([s["flops"] / 1e9 for s in anchors], [100 * s["accuracy"] for s in anchors], marker="*", s=220,
                color="gold", edgecolor="black", zorder=4, label="anchors (in the palette)")
@@ -217,8 +222,13 @@ def model_card(esta_config: dict, point: dict, run: dict, command: str | None) -
     stitch, front, end = esta_config["stitch"], esta_config["front"], esta_config["end"]
     plain = esta_config.get("weights") == "transformers"  # a whole anchor saved as the plain transformers model
     metric, axis = METRICS[run["metric"]], AXES[run["cost_axis"]]
-    if stitch["front"] == stitch["end"]:
+    if stitch.get("layer") is None:
         what = f"anchor {front['source']} (all {front['config']['num_hidden_layers']} blocks), adapted to the task"
+    elif stitch.get("mid") is not None:
+        mid = esta_config["mid"]
+        what = (f"blocks 0-{stitch['front_last']} of {front['source']}, a linear stitching layer, blocks "
+                f"{stitch['mid_first']}-{stitch['mid_last']} of {mid['source']}, another stitching layer, then "
+                f"blocks {stitch['end_first']}-{end['config']['num_hidden_layers'] - 1} of {end['source']}")
     else:
         what = (f"blocks 0-{stitch['front_last']} of {front['source']}, a linear stitching layer, then blocks "
                 f"{stitch['end_first']}-{end['config']['num_hidden_layers'] - 1} of {end['source']}")

@@ -22,6 +22,7 @@ from itertools import combinations
 from typing import Literal
 
 from .errors import EstaError
+from .routes import Route, snnet_routes, snnetv2_routes
 
 Pairing = Literal["nearest", "all"]
 #: "per-window": all cuts of a window share one stitching layer (SN-Net); "per-cut": every cut has its own (ours)
@@ -38,16 +39,36 @@ class Stitch:
     front_last: int | None = None  # j: the front anchor runs blocks 0..j
     end_first: int | None = None  # m: the end anchor runs blocks m..L-1
     layer: str | None = None  # key of the stitching layer this cut uses
+    # A three-segment route (SN-Netv2's L->S->L, SN-Net's Ti->S->B) runs a middle anchor's blocks mid_first..mid_last
+    # between the front and the end, entered through ``layer`` and left through ``layer2``.
+    mid: int | None = None
+    mid_first: int | None = None
+    mid_last: int | None = None
+    layer2: str | None = None
 
     @property
     def is_anchor(self) -> bool:
         return self.layer is None
 
     @property
+    def segments(self) -> list[tuple[int, int, int | None]]:
+        """``(anchor, first block, last block)`` in the order they run; ``None`` as the last block: to the end."""
+        if self.is_anchor:
+            return [(self.front, 0, None)]
+        middle = [] if self.mid is None else [(self.mid, self.mid_first, self.mid_last)]
+        return [(self.front, 0, self.front_last), *middle, (self.end, self.end_first, None)]
+
+    @property
+    def layer_keys(self) -> list[str]:
+        """The stitching layers between consecutive segments, in order."""
+        return [k for k in (self.layer, self.layer2) if k is not None]
+
+    @property
     def name(self) -> str:
         if self.is_anchor:
             return f"anchor{self.front}"
-        return f"{self.front}[:{self.front_last + 1}]->{self.end}[{self.end_first}:]"  # Python slices of the blocks
+        middle = "" if self.mid is None else f"{self.mid}[{self.mid_first}:{self.mid_last + 1}]->"
+        return f"{self.front}[:{self.front_last + 1}]->{middle}{self.end}[{self.end_first}:]"  # Python slices
 
 
 @dataclass(frozen=True)
@@ -74,25 +95,32 @@ class StitchSpace:
 
     @property
     def layers(self) -> dict[str, tuple[int, int]]:
-        """Stitching-layer key -> (front anchor, end anchor), in first-use order."""
+        """Stitching-layer key -> (anchor it maps from, anchor it maps into), in first-use order."""
         out: dict[str, tuple[int, int]] = {}
         for s in self.stitches:
-            if s.layer is not None and s.layer not in out:
+            if s.mid is None and s.layer is not None and s.layer not in out:
                 out[s.layer] = (s.front, s.end)
         return out
 
     def cuts_of_layer(self, key: str) -> list[Stitch]:
-        return [s for s in self.stitches if s.layer == key]
+        """The two-segment stitches whose one stitching layer is ``key``: what its fit and calibration see (every
+        layer a three-segment route runs is also the layer of a two-segment cut, see ``build_space``)."""
+        return [s for s in self.stitches if s.mid is None and s.layer == key]
+
+    def users_of_layer(self, key: str) -> list[Stitch]:
+        """Every stitch that runs layer ``key``, three-segment routes included."""
+        return [s for s in self.stitches if key in s.layer_keys]
 
     def to_dict(self) -> dict:
         per_pair: dict[str, dict[str, int]] = {}
         for s in self.stitches:
             if s.is_anchor:
                 continue
-            d = per_pair.setdefault(f"{s.front}->{s.end}", {"stitches": 0, "stitching_layers": 0})
+            route = f"{s.front}->{s.end}" if s.mid is None else f"{s.front}->{s.mid}->{s.end}"
+            d = per_pair.setdefault(route, {"stitches": 0, "stitching_layers": 0})
             d["stitches"] += 1
         for key, (a, b) in self.layers.items():
-            per_pair[f"{a}->{b}"]["stitching_layers"] += 1
+            per_pair.setdefault(f"{a}->{b}", {"stitches": 0, "stitching_layers": 0})["stitching_layers"] += 1
         return {
             "depths": list(self.depths),
             "kernel": self.kernel,
@@ -159,11 +187,17 @@ def build_space(
     """All stitches of a family whose anchors (sorted small to large) have the given depths.
 
     ``pairing="nearest"`` stitches neighbours only (Ti->S, S->B); ``"all"`` every pair. Stitches go small -> large;
-    ``two_way=True`` adds large -> small (SN-Netv2). ``stitch_layers="per-cut"`` gives every cut its own stitching
-    layer instead of one per window (the same stitches; ours). Why: least squares fits each cut's own map, and the
+    ``two_way=True`` adds large -> small. ``stitch_layers="per-cut"`` gives every cut its own stitching layer
+    instead of one per window (the same stitches; ours). Why: least squares fits each cut's own map, and the
     average of the window's solutions fits none of them. Measured on the mini family (Fashion-MNIST, anchors' own
     heads, no training, 1,000 test images): the first S->B window's four cuts 52/59/42/40 % with the averaged layer,
     77/66/72/77 % with a layer each; Ti->S window 1 47/46/43 % -> 59/68/69 %.
+
+    Where a peer defines the space, it is the peer's, three-segment routes included (:mod:`esta.routes`):
+    ``two_way`` over two anchors, the large one as deep as the small one or a multiple, is SN-Netv2's (134 routes
+    for 12/24 blocks; every cut its own stitching layer, as its cuts form no windows); ``pairing="all"`` over three
+    or more anchors of one depth is SN-Net's without nearest stitching (732 for Ti/S/B at kernel 2, stride 1).
+    Elsewhere (other depths, more anchors, both options) the space is esta's two-segment generalisation.
     """
     depths = tuple(int(d) for d in depths)
     if len(depths) < 1 or any(d < 1 for d in depths):
@@ -173,6 +207,11 @@ def build_space(
     if stitch_layers not in ("per-window", "per-cut"):
         raise EstaError(f"stitch_layers must be 'per-window' or 'per-cut', got {stitch_layers!r}")
     n = len(depths)
+    if two_way and pairing == "nearest" and n == 2 and depths[1] >= depths[0] and depths[1] % depths[0] == 0:
+        return _peer_space(depths, snnetv2_routes(list(depths)), kernel, stride, pairing, two_way, "per-cut")
+    if pairing == "all" and not two_way and n >= 3 and len(set(depths)) == 1:
+        routes = snnet_routes(list(depths), kernel, stride, nearest=False)
+        return _peer_space(depths, routes, kernel, stride, pairing, two_way, stitch_layers)
     pairs = [(a, a + 1) for a in range(n - 1)] if pairing == "nearest" else list(combinations(range(n), 2))
     if two_way:
         pairs = pairs + [(b, a) for a, b in pairs]
@@ -180,8 +219,42 @@ def build_space(
     stitches: list[Stitch] = [Stitch(id=a, front=a, end=a) for a in range(n)]
     for a, b in pairs:
         for w, cuts in enumerate(paired_cuts(depths[a], depths[b], kernel, stride)):
-            key = f"{a}to{b}_w{w}"  # no dots: the key names a module in an nn.ModuleDict
             for j, m in cuts:
-                layer = key if stitch_layers == "per-window" else f"{a}to{b}_j{j}m{m}"
-                stitches.append(Stitch(len(stitches), a, b, front_last=j, end_first=m, layer=layer))
+                stitches.append(Stitch(len(stitches), a, b, front_last=j, end_first=m,
+                                       layer=_layer_key(a, b, j, m, w, stitch_layers)))
     return StitchSpace(depths, tuple(stitches), kernel, stride, pairing, two_way, stitch_layers)
+
+
+def _layer_key(a: int, b: int, j: int, m: int, window: int, stitch_layers: StitchLayers) -> str:
+    # no dots: the key names a module in an nn.ModuleDict
+    return f"{a}to{b}_w{window}" if stitch_layers == "per-window" else f"{a}to{b}_j{j}m{m}"
+
+
+def _peer_space(depths: tuple[int, ...], routes: list[Route], kernel: int, stride: int, pairing: Pairing,
+                two_way: bool, stitch_layers: StitchLayers) -> StitchSpace:
+    """A peer's routes as stitches: a three-segment route runs the stitching layers of its two cuts, which the
+    space also holds as two-segment stitches (so every layer is fitted and calibrated on a cut of its own)."""
+    window = {(a, b, j, m): w for a, b in combinations(range(len(depths)), 2) if depths[a] == depths[b]
+              for w, cuts in enumerate(paired_cuts(depths[a], depths[b], kernel, stride)) for j, m in cuts}
+
+    def key(a: int, j: int, b: int, m: int) -> str:
+        return _layer_key(a, b, j, m, window.get((a, b, j, m), -1), stitch_layers)
+
+    stitches: list[Stitch] = []
+    for r in routes:
+        (a, _, j), *rest = r.segments
+        sid = len(stitches)
+        if not rest:
+            stitches.append(Stitch(sid, a, a))
+        elif len(rest) == 1:
+            (b, m, _), = rest
+            stitches.append(Stitch(sid, a, b, front_last=j, end_first=m, layer=key(a, j, b, m)))
+        else:
+            (b, mf, ml), (c, m, _) = rest
+            stitches.append(Stitch(sid, a, c, front_last=j, end_first=m, layer=key(a, j, b, mf), mid=b, mid_first=mf,
+                                   mid_last=ml, layer2=key(b, ml, c, m)))
+    space = StitchSpace(depths, tuple(stitches), kernel, stride, pairing, two_way, stitch_layers)
+    fitted = set(space.layers)
+    if any(k not in fitted for s in stitches for k in s.layer_keys):  # the peers' rules guarantee it; checked
+        raise EstaError("a three-segment route runs a stitching layer no two-segment cut fits")
+    return space

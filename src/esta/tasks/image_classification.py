@@ -33,7 +33,7 @@ from ..deploy import DeployedStitch
 from ..errors import EstaError
 from ..evaluate import accuracy, largest_drop, spearman, sweep
 from ..families import anchor_names, load_family
-from ..html_report import point, profiled_latencies, report_curves, write_html_report
+from ..html_report import point, profiled_latencies, report_curves, route_label, write_html_report
 from ..methods import get_method
 from ..pairs import pair_curves
 from ..palette import Palette
@@ -244,7 +244,7 @@ def html_report(results: dict, out: Path) -> Path:
     pts = [point("anchor" if s["is_anchor"] else "stitch", names.get(s["id"], s["name"]) if s["is_anchor"]
                  else s["name"], s["flops"], s["accuracy"], params=s["params"], updates=s["updates"],
                  importance=s["importance"], deployed=bool(s["deployed"]), latency_ms=latency.get(s["id"]),
-                 pair=None if s["is_anchor"] else label.get((s["front"], s["end"]), f"{s['front']}\u2192{s['end']}"),
+                 pair=None if s["is_anchor"] else route_label(s, label),
                  label=names.get(s["id"]))
            for s in results["stitches"]]
     pts += [point("alone" if r["method"] == "anchors-lora" else "probe", f"{r['name']} ({r['method']})", r["flops"],
@@ -265,7 +265,7 @@ def image_results(config: AdaptConfig, task, palette: Palette, costs, result, ch
     chosen = {c.stitch_id for c in choices}
     stitches = [{
         "id": s.id, "name": s.name, "is_anchor": s.is_anchor, "front": s.front, "end": s.end,
-        "front_last": s.front_last, "end_first": s.end_first, "layer": s.layer,
+        "front_last": s.front_last, "end_first": s.end_first, "layer": s.layer, "mid": s.mid,
         "flops": costs[s.id].flops, "params": costs[s.id].params,
         "accuracy": sweep_acc.get(s.id), "importance": result.importance[s.id],
         "updates": result.updates[s.id], "group": group_of.get(s.id), "deployed": s.id in chosen,

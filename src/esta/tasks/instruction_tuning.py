@@ -294,7 +294,7 @@ class InstructionTuning(Task):
         trained = sorted(s for g in result.groups for s in g)
         val_all = self._validation_of(trained, val_scores, palette)
         rows = [{"id": s.id, "name": s.name, "is_anchor": s.is_anchor, "front": s.front, "end": s.end,
-                 "front_last": s.front_last, "end_first": s.end_first, "params": params[s.id],
+                 "front_last": s.front_last, "end_first": s.end_first, "mid": s.mid, "params": params[s.id],
                  "perplexity": val_all.get(s.id)} for s in palette.space.stitches]
         pairs = pair_curves(rows, "perplexity", "params", higher_is_better=False,
                             depths=[a.depth for a in palette.anchors], names=names)
