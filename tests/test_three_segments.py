@@ -54,9 +54,9 @@ def test_esta_space_prints_the_peers_counts(flags, count):
 
 
 def test_a_three_segment_route_trains_deploys_exports_and_serves(vit_family, tmp_path):
-    import esta as esta_api
     from transformers import AutoModelForImageClassification
 
+    import esta as esta_api
     from esta.runs import load_run, save_run_palette
     from esta.serving import load_palette
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -344,6 +345,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("esta: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (``esta space ... | head``): stop quietly, as Unix tools do
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 -- Python flushes stdout once more at exit
+        return 0
 
 
 if __name__ == "__main__":

@@ -40,8 +40,8 @@ class RecipeConfig:
     method: str = "esta"
     kernel: int = 2  # stitching window size
     stride: int = 1  # stitching window stride
-    pairing: str = "nearest"  # stitch neighbouring anchors only ("nearest") or every pair ("all")
-    two_way: bool = False  # also stitch large -> small (SN-Netv2)
+    pairing: str = "nearest"  # neighbours only ("nearest") or every pair ("all"; one depth: also routes via three)
+    two_way: bool = False  # also stitch large -> small; two anchors, one as deep or a multiple: SN-Netv2's routes
     #: "per-window": the cuts of a window share one stitching layer (SN-Net); "per-cut": one layer per cut (ours;
     #: measured in esta.space)
     stitch_layers: str = "per-cut"

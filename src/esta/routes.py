@@ -2,9 +2,9 @@
 space with its three-segment routes, rebuilt from the rules of their public code (read, not copied).
 
 A route runs segments in order: ``(anchor, first block, last block)``, the first with the anchor's embedding and
-the last with its head, a stitching layer between consecutive segments. esta's own palettes are the two-segment
-routes of :mod:`esta.space` (SN-Net's nearest stitching, which these rules reproduce: 71 for Ti/S/B); esta lists
-the larger spaces here to count and compare them, and does not train routes of three segments.
+the last with its head, a stitching layer between consecutive segments. esta's default palette is SN-Net's nearest
+stitching (71 for Ti/S/B); ``build_space`` turns the other two into palettes (``two_way``, ``pairing="all"``),
+three-segment routes included, and ``esta space --peers`` counts them for any depths.
 
 - SN-Net: per anchor pair, windows ``W = [i, i + kernel)`` (cut at the last block) slide with ``stride``; every
   pair ``(a, b)`` of ``W x W`` not seen before is a cut: the front anchor runs blocks ``0..a``, the end anchor
