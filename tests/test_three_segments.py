@@ -104,3 +104,32 @@ def test_a_three_segment_route_trains_deploys_exports_and_serves(vit_family, tmp
     from esta.export import export_onnx
 
     assert export_onnx(tmp_path / f"stitch{three[0]['id']}")["max_abs_diff"] <= 1e-4
+
+
+def test_a_three_segment_language_route_generates_with_its_caches(tmp_path):
+    """An L->S->L route of a language pair: the end part runs the same anchor as the front, each part keeps its own
+    cache; cached generation equals uncached, in the palette, deployed, and through transformers' generate()."""
+    from lm_fixtures import WORDS, save_tiny_lm
+    from transformers import AutoModelForCausalLM
+
+    from esta.families import load_family
+    from esta.generate import generate
+    from esta.palette import Palette
+
+    family = [save_tiny_lm(tmp_path / "s", "llama", 32, 3, 4, 2, seed=0),
+              save_tiny_lm(tmp_path / "l", "llama", 48, 3, 6, 3, seed=1)]
+    palette = Palette(load_family(family), two_way=True)
+    ids = torch.randint(4, len(WORDS), (4, 9), generator=torch.Generator().manual_seed(5))
+    palette.init_stitching({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    palette.eval()
+    x = torch.randint(4, len(WORDS), (2, 5), generator=torch.Generator().manual_seed(4))
+    three = [s for s in palette.space.stitches if s.mid is not None]
+    assert {s.name for s in three} == {"1[:1]->0[1:2]->1[2:]", "0[:1]->1[1:2]->0[2:]"}
+    for s in three:
+        deployed = DeployedStitch.from_palette(palette, s.id)
+        for model in (lambda inp, c=s.id: palette(inp, stitch=c), deployed):
+            assert torch.equal(generate(model, x, 8, use_cache=True), generate(model, x, 8, use_cache=False))
+        deployed.save_pretrained(tmp_path / s.name)
+        hf = AutoModelForCausalLM.from_pretrained(tmp_path / s.name)
+        out = hf.generate(x, max_new_tokens=8, do_sample=False, attention_mask=torch.ones_like(x))
+        assert torch.equal(out, generate(deployed, x, 8, use_cache=True))
