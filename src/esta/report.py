@@ -197,11 +197,11 @@ def plot_lm(results: dict, path: Path) -> None:
         for k, p in enumerate(curves):
             pts = sorted(p["points"], key=lambda q: q["cost"])
             ax.plot([q["cost"] / 1e6 for q in pts], [q["perplexity"] for q in pts], "o", ms=3.5, color=cmap(k),
-                    label=f"{p['front_name']}\u2192{p['end_name']} stitches (Spearman {-p['spearman']:.2f} with "
+                    label=f"{names[p['front']]}\u2192{names[p['end']]} stitches (Spearman {-p['spearman']:.2f} with "
                           f"params)")
             for side, ls in (("front", ":"), ("end", "--")):
                 if p.get(f"{side}_perplexity") is not None:
-                    ax.axhline(p[f"{side}_perplexity"], color=cmap(k), ls=ls, lw=1, label=f"{p[side + '_name']}")
+                    ax.axhline(p[f"{side}_perplexity"], color=cmap(k), ls=ls, lw=1, label=names[p[side]])
         ax.set_xlabel("parameters (M)")
         ax.set_ylabel("validation perplexity")
         ax.set_title("every trained stitch", fontsize=9)

@@ -47,14 +47,20 @@ _SIZE_WORDS = {"ti": "Ti", "tiny": "Ti", "s": "S", "small": "S", "b": "B", "base
 
 def anchor_names(sources: list[str]) -> list[str]:
     """Short names for plots and tables: DeiT/ViT size words (``mini-deit-ti`` -> ``Ti``, ``deit-small-patch16``
-    -> ``S``) when every anchor has a distinct one, else the folder or hub names."""
-    bases = [Path(s.rstrip("/")).name or s for s in sources]
+    -> ``S``) or parameter counts (``Qwen2.5-0.5B-Instruct`` -> ``0.5B``) when every anchor has a distinct one, else
+    the folder or hub names."""
+    # esta's own caches add "-<16 hex digits>" to a converted model's folder (GGUF, timm): not part of its name
+    bases = [re.sub(r"-[0-9a-f]{16}$", "", Path(s.rstrip("/")).name or s) for s in sources]
     sizes = []
     for b in bases:
         words = [w for w in re.split(r"[-_.]", b.lower()) if w in _SIZE_WORDS]
         sizes.append(_SIZE_WORDS[words[-1]] if words else None)
     if None not in sizes and len(set(sizes)) == len(sizes):
         return sizes
+    # language models name their size in parameters: "qwen2.5-coder-0.5b-instruct" -> "0.5B"
+    counts = [re.findall(r"(?:^|[-_])(\d+(?:\.\d+)?[bm])(?=$|[-_])", b.lower()) for b in bases]
+    if all(counts) and len({c[-1] for c in counts}) == len(counts):
+        return [c[-1].upper() for c in counts]
     return bases
 
 
