@@ -26,7 +26,8 @@ def test_instruction_tuning_a_tiny_llama_family_end_to_end(tmp_path):
         train=TrainConfig(steps=6, batch_size=4, lr=1e-3, sampling=SamplingConfig(groups=3), checkpoint_every=0),
         mc_root=str(tmp_path / "mc"), mc_tasks=["arc-easy"], mc_examples=2, progress=False))
     assert len(r["anchors"]) == 2 and r["anchors"][0]["params"] < r["anchors"][1]["params"]
-    assert len(r["deployed"]) == 3 and r["samples"]["heldout_records"] == 8
+    # default budgets: one per budget group of the whole space (3) and the anchors' costs, whatever screening kept
+    assert len(r["deployed"]) >= 3 and r["samples"]["heldout_records"] == 8
     for d in r["anchors"] + r["deployed"]:
         assert d["perplexity"] > 1 and 0 <= d["mc_accuracy"] <= 1
     assert (tmp_path / "run" / "metrics.png").stat().st_size > 5_000
@@ -37,11 +38,14 @@ def test_instruction_tuning_a_tiny_llama_family_end_to_end(tmp_path):
     assert sorted(s for g in r["groups"] for s in g) == sorted(sc["kept"])
     # each budget deployed the stitch of its group with the lowest validation perplexity
     dep = r["deployment"]
-    assert dep["by"] == "validation" and dep["validation_records"] == 8 and len(dep["by_importance"]) == 3
+    assert dep["by"] == "validation" and dep["validation_records"] == 8
+    assert len(dep["by_importance"]) == len(r["deployed"])
     val = {row["stitch_id"]: row["validation_perplexity"] for row in dep["stitches"]}
-    for d, g in zip(r["deployed"], r["groups"]):
-        if len(g) > 1:
-            assert val[d["stitch_id"]] == min(val[s] for s in g)
+    params = {row["stitch_id"]: row["params"] for row in dep["stitches"]}
+    for d in r["deployed"]:  # the costliest trained group with members in the budget, its best within the budget
+        members = next(m for g in reversed(r["groups"]) if (m := [s for s in g if params[s] <= d["budget"]]))
+        if len(members) > 1:
+            assert val[d["stitch_id"]] == min(val[s] for s in members)
     assert sum(row["updates"] for row in dep["stitches"]) == 6
     assert (tmp_path / "run" / "deployed" / "budget00" / "tokenizer_config.json").is_file()
     # the deployed stitches generate and chat from the command line, chosen by budget

@@ -17,7 +17,7 @@ from ..errors import EstaError
 from ..methods import Method
 from ..palette import Palette
 from ..results import Metric
-from ..selection import Choice
+from ..selection import Choice, default_budgets
 from ..train import LossFn, TrainResult
 
 
@@ -85,8 +85,11 @@ class Task:
 
     # -- deployment -------------------------------------------------------------------------------------------
     def default_budgets(self, palette: Palette, costs: list[float], sampling) -> list[float] | None:
-        """Budgets when the user gave none (None: one per budget group of the trained stitches)."""
-        return None
+        """Budgets when the user gave none: one per budget group of the whole space and one at each anchor's cost
+        (``esta.selection.default_budgets``). Why the whole space and not only the trained stitches: after screening
+        the Qwen pair's kept cuts all cost 1.59-1.71 B and fell into two groups, so a run asked for two budgets
+        and never showed what it deploys between the anchors."""
+        return default_budgets(palette, costs, sampling)
 
     def validation_scores(self, palette: Palette, groups: list[list[int]], progress: bool) -> dict[int, float]:
         """A score per stitch on held-out data, higher is better (what deploying by validation ranks)."""

@@ -40,7 +40,6 @@ from ..palette import Palette
 from ..probe import probe_heads
 from ..report import pareto_plot, write_results
 from ..results import ACCURACY, Point, in_between_served, run_results
-from ..selection import default_budgets
 from ..train import TrainConfig, classification_loss
 from .base import Task
 
@@ -162,9 +161,6 @@ class ImageClassification(Task):
 
     def run_info(self, costs: list) -> dict:
         return {"classes": self.task.classes, "task": self.task.name, "flops": [c.flops for c in costs]}
-
-    def default_budgets(self, palette: Palette, costs: list[float], sampling) -> list[float]:
-        return default_budgets(palette, costs, sampling)
 
     def validation_scores(self, palette: Palette, groups: list[list[int]], progress: bool) -> dict[int, float]:
         if len(self.val_set) == 0:

@@ -271,11 +271,13 @@ class InstructionTuning(Task):
                      r["mc_seconds"], peak_rss_mb())
             return r
 
-        deployed = []
+        deployed, seen = [], {}
         for c, path in zip(choices, dirs):
             name = palette.space[c.stitch_id].name
+            if c.stitch_id not in seen:  # a stitch chosen at several budgets is evaluated once (minutes per model)
+                seen[c.stitch_id] = evaluate(DeployedStitch.from_pretrained(path), f"deployed {name}")
             deployed.append({"budget": c.budget, "stitch_id": c.stitch_id, "name": name, "params": params[c.stitch_id],
-                             "path": str(path), **evaluate(DeployedStitch.from_pretrained(path), f"deployed {name}")})
+                             "path": str(path), **seen[c.stitch_id]})
         evaluated = {}
         for a in palette.space.anchor_ids():
             same = next((d for d in deployed if d["stitch_id"] == a), None)
@@ -286,7 +288,7 @@ class InstructionTuning(Task):
             else:
                 evaluated[a] = evaluate(lambda x, a=a: palette(x, stitch=a), f"anchor {a}")
         flag_outside_anchors(deployed, list(evaluated.values()), sum(len(v) for v in mc.values()))
-        budgets = [c.budget for c in choices] if cfg.budgets else None
+        budgets = [c.budget for c in choices]  # the budgets deployed (given, or the defaults)
         by_importance = choose(result.groups, params, result.importance, budgets)
         names = anchor_names([a.source for a in self.anchors])
         val = self._validation_of([c.stitch_id for c in choices], val_scores, palette)
