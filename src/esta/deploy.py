@@ -87,6 +87,16 @@ def _layer_shape(layer: StitchingLayer | None) -> list[int] | None:
     return [layer.in_features, layer.out_features] + ([layer.tokens] if getattr(layer, "tokens", 0) else [])
 
 
+def stitch_parts(model: nn.Module) -> tuple[list[Anchor], list[StitchingLayer]]:
+    """The part that runs each segment of a deployed stitch (esta's or its transformers model: both hold ``front``,
+    ``end``, ``stitching`` and, for a three-segment route, ``mid``, ``stitching2``) and the layers between them."""
+    if model.end is None:
+        return [model.front], []
+    if getattr(model, "mid", None) is None:
+        return [model.front, model.end], [model.stitching]
+    return [model.front, model.mid, model.end], [model.stitching, model.stitching2]
+
+
 def _part(src: Anchor, first: int, last: int, embed: bool, head: bool, stitch: int) -> Anchor:
     with built_in(weight_dtype(src.blocks)):
         part = type(src).build_part(src.spec(), first, last, embed, head)
@@ -116,16 +126,18 @@ class DeployedStitch(nn.Module):
             self.stitching2 = stitching2
         self.meta = dict(meta or {})
 
-    def parts(self) -> tuple[list[Anchor], list[StitchingLayer]]:
-        """The part that runs each segment and the stitching layers between them (see ``run_stitch``)."""
-        if self.end is None:
-            return [self.front], []
-        if getattr(self, "mid", None) is None:
-            return [self.front, self.end], [self.stitching]
-        return [self.front, self.mid, self.end], [self.stitching, self.stitching2]
+    @classmethod
+    def _assemble(cls, s: Stitch, parts: list[Anchor], layers: list[StitchingLayer],
+                  meta: dict | None) -> "DeployedStitch":
+        """The deployed stitch of ``s`` from its parts (one per segment) and the layers between them."""
+        if s.is_anchor:
+            return cls(s, parts[0], None, None, meta)
+        if s.mid is None:
+            return cls(s, parts[0], parts[1], layers[0], meta)
+        return cls(s, parts[0], parts[2], layers[0], meta, mid=parts[1], stitching2=layers[1])
 
     def forward(self, inputs: Any) -> torch.Tensor:
-        return run_stitch(*self.parts(), self.stitch, inputs)
+        return run_stitch(*stitch_parts(self), self.stitch, inputs)
 
     @classmethod
     def from_palette(cls, palette: Palette, stitch_id: int, meta: dict | None = None) -> "DeployedStitch":
@@ -137,11 +149,7 @@ class DeployedStitch(nn.Module):
             parts.append(_part(src, first, src.depth - 1 if last is None else last, k == 0, k == len(segments) - 1,
                                stitch_id))
         layers = [_plain_layer(palette.stitching[key], stitch_id, weight_dtype(parts[0])) for key in s.layer_keys]
-        if s.is_anchor:
-            return cls(s, parts[0], None, None, meta)
-        if s.mid is None:
-            return cls(s, parts[0], parts[1], layers[0], meta)
-        return cls(s, parts[0], parts[2], layers[0], meta, mid=parts[1], stitching2=layers[1])
+        return cls._assemble(s, parts, layers, meta)
 
     def save_pretrained(self, folder: str | Path) -> Path:
         folder = Path(folder)
@@ -259,11 +267,7 @@ class DeployedStitch(nn.Module):
                     raise ValueError(f"{role} blocks {first}-{last} are outside its {depth} blocks")
                 parts.append(_anchor_class(spec["family"]).build_part(spec, first, last, k == 0, k == len(roles) - 1))
             layers = [StitchingLayer(*cfg[key]) for key in ("stitching", "stitching2")[:len(roles) - 1]]
-        if s.is_anchor:
-            return cls(s, parts[0], None, None, cfg.get("meta"))
-        if s.mid is None:
-            return cls(s, parts[0], parts[1], layers[0], cfg.get("meta"))
-        return cls(s, parts[0], parts[2], layers[0], cfg.get("meta"), mid=parts[1], stitching2=layers[1])
+        return cls._assemble(s, parts, layers, cfg.get("meta"))
 
 
 def hf_config(esta_config: dict, classes: list[str] | None = None):

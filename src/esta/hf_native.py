@@ -73,10 +73,10 @@ class _StitchModel(PreTrainedModel):
 
     def _run(self, inputs: Any) -> torch.Tensor:
         # esta's modules are imported late: registration may run while one of them is being imported
-        from .deploy import DeployedStitch
+        from .deploy import stitch_parts
         from .palette import run_stitch
 
-        return run_stitch(*DeployedStitch.parts(self), self.esta_stitch, inputs)
+        return run_stitch(*stitch_parts(self), self.esta_stitch, inputs)
 
 
 class StitchForImageClassification(_StitchModel):
@@ -103,7 +103,9 @@ class StitchCache(Cache):
     front part's."""
 
     def __init__(self, model: "StitchForCausalLM") -> None:
-        parts = [model.front] + [p for p in (getattr(model, "mid", None), model.end) if p is not None]
+        from .deploy import stitch_parts  # late, as in _StitchModel._run
+
+        parts, _ = stitch_parts(model)
         self.by_part = {id(p): DynamicCache(config=p.config) for p in parts}  # keyed as the anchors look them up
         super().__init__(layers=[layer for c in self.by_part.values() for layer in c.layers])
 

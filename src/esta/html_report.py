@@ -34,11 +34,15 @@ def report_curves(results: dict, metric: str) -> list[dict]:
             for c in results.get("pairs", [])]
 
 
+def route_of(row: dict) -> tuple[int, ...]:
+    """The anchors a stitch row of results.json runs through, in order (a three-segment route has a middle one)."""
+    return (row["front"], row["end"]) if row.get("mid") is None else (row["front"], row["mid"], row["end"])
+
+
 def route_label(row: dict, pair_names: dict[tuple[int, int], str]) -> str:
     """The legend entry of a stitch row: its pair's names, or the anchors of a three-segment route in order."""
-    if row.get("mid") is None:
-        return pair_names.get((row["front"], row["end"]), f"{row['front']}\u2192{row['end']}")
-    return "\u2192".join(str(a) for a in (row["front"], row["mid"], row["end"]))
+    route = route_of(row)
+    return pair_names.get(route, "\u2192".join(map(str, route)))
 
 
 def point(kind: str, name: str, cost: float, value: float | None, **extra) -> dict:

@@ -10,6 +10,7 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 
 from .files import atomic_write, write_json
+from .html_report import route_of
 
 # Figures are built with matplotlib's object API (Figure, not pyplot): it draws to files with the Agg canvas
 # without switching the process's backend, so importing esta changes nothing in the user's matplotlib.
@@ -29,11 +30,6 @@ def write_results(results: dict, out_dir: Path) -> None:
     atomic_write(out_dir / "results.csv", write_csv)
 
 
-def _route(s: dict) -> tuple[int, ...]:
-    """The anchors a stitch row runs through, in order (a three-segment route has a middle one)."""
-    return (s["front"], s["end"]) if s.get("mid") is None else (s["front"], s["mid"], s["end"])
-
-
 def pareto_plot(results: dict, path: Path, title: str = "") -> None:
     """Every stitch as a dot, anchors as stars, deployed stitches ringed and joined: accuracy vs GFLOPs."""
     stitches = [s for s in results["stitches"] if s.get("accuracy") is not None]
@@ -41,10 +37,10 @@ def pareto_plot(results: dict, path: Path, title: str = "") -> None:
     fig = Figure(figsize=(12 if curves else 7, 4.5), dpi=120)
     axes = fig.subplots(1, 2, gridspec_kw={"width_ratios": [7, 5]}) if curves else [fig.subplots()]
     ax = axes[0]
-    routes = sorted({_route(s) for s in stitches if not s["is_anchor"]})
+    routes = sorted({route_of(s) for s in stitches if not s["is_anchor"]})
     cmap = colormaps["tab10"]
     for k, route in enumerate(routes):
-        pts = [s for s in stitches if not s["is_anchor"] and _route(s) == route]
+        pts = [s for s in stitches if not s["is_anchor"] and route_of(s) == route]
         ax.scatter([s["flops"] / 1e9 for s in pts], [100 * s["accuracy"] for s in pts], s=14, alpha=0.55,
                    color=cmap(k % 10), label="stitches " + "\u2192".join(map(str, route)))
     anchors = [s for s in stitches if s["is_anchor"]]

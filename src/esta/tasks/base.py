@@ -84,7 +84,7 @@ class Task:
         return {}
 
     # -- deployment -------------------------------------------------------------------------------------------
-    def default_budgets(self, palette: Palette, costs: list[float], sampling) -> list[float] | None:
+    def default_budgets(self, palette: Palette, costs: list[float], sampling) -> list[float]:
         """Budgets when the user gave none: one per budget group of the whole space and one at each anchor's cost
         (``esta.selection.default_budgets``). Why the whole space and not only the trained stitches: after screening
         the Qwen pair's kept cuts all cost 1.59-1.71 B and fell into two groups, so a run asked for two budgets
