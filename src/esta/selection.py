@@ -83,7 +83,7 @@ def select(deploy_by: str, palette: Palette, result: TrainResult, costs: list[fl
     one-stage rule): the highest importance inside the budget's group; importance only compares stitches of
     similar cost. ``loss`` (ours, also one-stage): the lowest moving-average training loss among all trained
     stitches within the budget. ``validation``: the best score on the Task's held-out examples (accuracy, or minus
-    the perplexity), among the stitches of the budget (``Task.validation_within``).
+    the perplexity), among every stitch that fits the budget (a validation score compares any two networks).
     """
     if deploy_by not in DEPLOY_RULES:
         raise EstaError(f"unknown deployment rule {deploy_by!r}; choose from {', '.join(DEPLOY_RULES)}")
@@ -95,9 +95,9 @@ def select(deploy_by: str, palette: Palette, result: TrainResult, costs: list[fl
         score = [-v if v is not None else -math.inf for v in result.train_loss]
         return choose(result.groups, costs, score, budgets, within="budget"), {}
     scores = task.validation_scores(palette, result.groups, progress)
-    # a stitch the Task did not score (e.g. alone in its group: nothing to choose among) ranks last
+    # a stitch the Task did not score ranks last
     ranked = [scores.get(s, -math.inf) for s in range(len(palette))]
-    return choose(result.groups, costs, ranked, budgets, within=task.validation_within), scores
+    return choose(result.groups, costs, ranked, budgets, within="budget"), scores
 
 
 

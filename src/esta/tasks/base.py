@@ -29,9 +29,6 @@ class Task:
     modality: str = ""
     axis: CostAxis  # what budgets are measured in
     metric: Metric  # what its evaluation reports (accuracy, perplexity)
-    #: "budget": a validation score compares any two stitches (accuracy), so a budget may pick among every
-    #: stitch that fits; "group": only the budget's group is compared
-    validation_within: str = "budget"
     methods: tuple[str, ...] | None = None  # the methods it supports (None: all of ``methods.METHODS``)
     #: config fields a reference run (``--compare``) sets: it is part of the palette's run and needs only its
     #: anchors' scores, not this Task's optional extras
