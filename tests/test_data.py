@@ -268,6 +268,18 @@ def test_fashion_mnist_official_split(tmp_path: Path) -> None:
     assert small.train.images.shape == (50, 3, 12, 12) and len(small.test) == 10000
 
 
+def test_fashion_tops_keeps_the_four_upper_body_garments(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a stand-in for the source's test split: 40 images per class, each image's pixels say its original class
+    labels = np.repeat(np.arange(10), 40)
+    images = np.repeat(labels[:, None, None], 28, 1).repeat(28, 2).astype(np.uint8)
+    monkeypatch.setattr(builtin, "_fashion_test_split", lambda work: (images, labels))
+    task = load_image_task("fashion-tops", image_size=28, num_channels=1, cache_dir=tmp_path, train_examples=60)
+    assert task.classes == ["T-shirt/top", "Pullover", "Coat", "Shirt"]
+    assert (len(task.train), len(task.test)) == (60, 100)
+    for part in (task.train, task.test):  # relabelled 0..3 from the original classes 0, 2, 4, 6
+        assert torch.equal(part.images[:, 0, 0, 0].long(), torch.tensor([0, 2, 4, 6])[part.labels])
+
+
 def test_fashion_mnist_missing_without_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(builtin, "FASHION_MNIST_DIR", tmp_path / "absent")
     monkeypatch.setattr(os, "geteuid", lambda: 1000, raising=False)

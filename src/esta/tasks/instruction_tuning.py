@@ -382,9 +382,14 @@ def summary_text(r: dict, out: str) -> str:
     """What `esta train` prints after a language run: anchors and deployed stitches, perplexity and multiple choice."""
     buf = io.StringIO()
     say = functools.partial(print, file=buf)
-    say(f"{'':28}{'params M':>9} {'ppl':>8} {'MC acc %':>9} {'acc_norm % (95 % CI)':>21}")
-    for row in r["anchors"] + r["deployed"]:
-        name = row.get("name") or ("anchor " + Path(row["source"]).name)
+    say(f"{'(budget: network)':28}{'params M':>9} {'ppl':>8} {'MC acc %':>9} {'acc_norm % (95 % CI)':>21}")
+    short = anchor_names([a["source"] for a in r["anchors"]])
+    of_anchor = {a["stitch_id"]: f"anchor {n}" for a, n in zip(r["anchors"], short)}
+    rows = [{**a, "name": of_anchor[a["stitch_id"]]} for a in r["anchors"]]
+    rows += [{**d, "name": f"{d['budget'] / 1e9:.2f}B: {of_anchor.get(d['stitch_id'], d['name'])}"}
+             for d in r["deployed"]]
+    for row in rows:
+        name = row["name"]
         mc = f"{100 * row['mc_accuracy']:9.2f}" if row["mc_accuracy"] is not None else f"{'-':>9}"
         norm = (f"{100 * row['mc_acc_norm']:12.2f} ± {100 * row['mc_acc_norm_ci95']:5.2f}"
                 if row.get("mc_acc_norm") is not None else f"{'-':>21}")
