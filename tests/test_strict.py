@@ -111,6 +111,21 @@ def test_resume_refuses_other_settings_and_names_them(tmp_path, vit_family, data
     error2(esta(*[a if a != str(run) else str(tmp_path / "empty") for a in base], "--resume"), "nothing to resume")
 
 
+def test_resume_may_change_what_is_deployed_not_what_is_trained(tmp_path):
+    # budgets and the deployment rule only choose among trained stitches: a finished run resumes to redeploy
+    from dataclasses import replace
+
+    from esta.config import RecipeConfig
+    from esta.errors import EstaError
+    from esta.recipe import check_resumable
+
+    cfg = RecipeConfig()
+    (tmp_path / "run.json").write_text(json.dumps({"config": cfg.to_dict()}))
+    check_resumable(tmp_path, replace(cfg, budgets=["0.1", "0.2"], deploy_by="loss"))
+    with pytest.raises(EstaError, match="kernel"):
+        check_resumable(tmp_path, replace(cfg, kernel=cfg.kernel + 1))
+
+
 def test_redeploy_writes_a_fresh_folder_with_a_manifest(tmp_path, finished):
     run = copy_run(finished, tmp_path)
     budget = json.loads((run / "results.json").read_text())["deployed"][-1]["budget"] / 1e9

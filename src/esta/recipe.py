@@ -42,10 +42,11 @@ from .train import train, untrained_result
 log = logging.getLogger("esta")
 
 #: settings a resumed run may change: they decide what is shown, kept or deployed, not what is trained (the
-#: deployment rule only chooses among the trained stitches, so a finished run can be resumed to deploy another way)
+#: deployment rule and the budgets only choose among the trained stitches, so a finished run can be resumed to deploy
+#: another way or at other budgets)
 RESUMABLE_CHANGES = {"resume", "overwrite", "progress", "sweep", "validation_sweep", "eval_examples", "cache_dir",
                      "out_dir", "train.checkpoint_every", "train.num_workers", "train.log_every", "deploy_by",
-                     "strict", "mc_root", "mc_tasks", "mc_examples"}
+                     "strict", "mc_root", "mc_tasks", "mc_examples", "budgets"}
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
