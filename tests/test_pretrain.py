@@ -49,3 +49,9 @@ def test_the_shipped_family_records_its_pretraining_and_bigger_is_better():
     assert infos[0]["epochs"] <= infos[1]["epochs"] <= infos[2]["epochs"]  # never the larger one less trained
     size = sum(f.stat().st_size for p in mini_family_paths() for f in Path(p).iterdir())
     assert size <= 30 * 2**20
+    # `esta pretrain` re-creates exactly the shipped three by default, with their recorded shapes; nano is extra
+    from esta.pretrain import MINI_SHAPES, SHIPPED
+
+    assert [i["name"] for i in infos] == list(SHIPPED)
+    assert [(i["width"], i["heads"]) for i in infos] == [MINI_SHAPES[n] for n in SHIPPED]
+    assert MINI_SHAPES["mini-deit-nano"][0] * 2 == MINI_SHAPES["mini-deit-ti"][0]

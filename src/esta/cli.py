@@ -117,9 +117,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from .pretrain import MINI_SHAPES, PretrainConfig, pretrain
+    from .pretrain import SHIPPED, PretrainConfig, pretrain
 
-    names = args.models.split(",") if args.models else list(MINI_SHAPES)
+    names = args.models.split(",") if args.models else list(SHIPPED)
     epochs = dict(zip(names, args.epochs)) if args.epochs else None
     for info in pretrain(args.out, names, PretrainConfig(epochs=epochs, seed=args.seed), not args.no_progress):
         print(f"{info['name']}: Fashion-MNIST test accuracy {100 * info['fashion_mnist_test_accuracy']:.2f}% "
@@ -322,7 +322,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
     p = sub.add_parser("pretrain", help="pretrain esta's mini DeiT family on Fashion-MNIST")
     p.add_argument("--out", default="runs/pretrained", help="where to write the checkpoints")
-    p.add_argument("--models", default="", help="comma-separated subset of mini-deit-ti,mini-deit-s,mini-deit-b")
+    p.add_argument("--models", default="", help="comma-separated models of mini-deit-nano,mini-deit-ti,mini-deit-s,"
+                   "mini-deit-b (default: the shipped three, ti,s,b)")
     p.add_argument("--epochs", type=int_list, default=None, help="comma-separated epochs per model (default 4,4,7)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
