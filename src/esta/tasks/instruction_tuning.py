@@ -225,9 +225,9 @@ class InstructionTuning(Task):
         """Minus the perplexity on the validation records, for every trained stitch.
 
         Perplexities compare any two networks, so a budget chooses among every stitch that fits it, anchors
-        included. Choosing within the budget's group only, as before, once
-        deployed a stitch whose validation perplexity was worse than that of the cheaper anchor outside its group
-        (the Qwen run's ``0[:1]->1[1:]`` at 1.65 B: 7.73 against the 0.5B anchor's 6.60)."""
+        included. Choosing within the budget's group only, as before, once deployed a stitch whose validation
+        perplexity was worse than that of the cheaper anchor outside its group (the Qwen run's ``0[:1]->1[1:]`` at
+        1.65 B: 7.73 against the 0.5B anchor's 6.60)."""
         t0 = time.perf_counter()
         batches = self._validation_batches()
         candidates = sorted(s for g in groups for s in g)
@@ -296,8 +296,8 @@ class InstructionTuning(Task):
         budgets = [c.budget for c in choices]  # the budgets deployed (given, or the defaults)
         by_importance = choose(result.groups, params, result.importance, budgets)
         names = anchor_names([a.source for a in self.anchors])
-        val = self._validation_of([c.stitch_id for c in choices], val_scores, palette)
-        # every trained stitch's validation perplexity, for the per-pair curves (the groups of one were not scored)
+        # every trained stitch's validation perplexity (the deployed ones and the per-pair curves read it), scored
+        # here only where the deployment rule did not score it already
         trained = sorted(s for g in result.groups for s in g)
         val_all = self._validation_of(trained, val_scores, palette)
         rows = [{"id": s.id, "name": s.name, "is_anchor": s.is_anchor, "front": s.front, "end": s.end,
@@ -310,7 +310,7 @@ class InstructionTuning(Task):
         run = run_results(
             self, result, deploy_by, timing,
             deployed=[Point(d["name"], d["params"], None, d["params"], d["perplexity"], d["budget"],
-                            result.updates[d["stitch_id"]], val.get(d["stitch_id"])) for d in deployed],
+                            result.updates[d["stitch_id"]], val_all.get(d["stitch_id"])) for d in deployed],
             anchors=[Point(names[palette.space[a].front], params[a], None, params[a], evaluated[a]["perplexity"],
                            updates=result.updates[a]) for a in palette.space.anchor_ids()], pairs=pairs)
         return {
@@ -389,10 +389,9 @@ def summary_text(r: dict, out: str) -> str:
     rows += [{**d, "name": f"{d['budget'] / 1e9:.2f}B: {of_anchor.get(d['stitch_id'], d['name'])}"}
              for d in r["deployed"]]
     for row in rows:
-        name = row["name"]
         mc = f"{100 * row['mc_accuracy']:9.2f}" if row["mc_accuracy"] is not None else f"{'-':>9}"
         norm = (f"{100 * row['mc_acc_norm']:12.2f} ± {100 * row['mc_acc_norm_ci95']:5.2f}"
                 if row.get("mc_acc_norm") is not None else f"{'-':>21}")
-        say(f"{name[:27]:28}{row['params'] / 1e6:9.1f} {row['perplexity']:8.2f} {mc} {norm}")
+        say(f"{row['name'][:27]:28}{row['params'] / 1e6:9.1f} {row['perplexity']:8.2f} {mc} {norm}")
     say(f"wrote {out}/results.json, {out}/metrics.png, {out}/deployed/")
     return buf.getvalue().rstrip()
