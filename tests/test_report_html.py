@@ -74,3 +74,20 @@ def test_the_page_draws_every_network_and_a_hover_shows_its_numbers_in_headless_
     assert shown["stitches"] == 7 and shown["rows"] == 7 and shown["tooltip_visible"]
     assert shown["tooltip"].startswith(shown["hovered"]) and "accuracy: 5" in shown["tooltip"]
     assert "updates:" in shown["tooltip"] and "deployed:" in shown["tooltip"]
+
+
+def test_a_language_runs_page_names_its_anchors_by_size_not_by_cache_folder(tmp_path):
+    from esta.tasks.instruction_tuning import InstructionTuning
+
+    sources = ["/c/gguf/qwen2.5-coder-0.5b-instruct-b2ac4fa51d56f478", "/c/gguf/qwen2.5-coder-1.5b-instruct-b6baece38db40a07"]
+    rows = [{"stitch_id": i, "name": n, "params": p, "validation_perplexity": v, "updates": 5, "importance": None}
+            for i, n, p, v in ((0, "anchor0", 6e8, 8.0), (1, "anchor1", 1.7e9, 5.6), (2, "0[:1]->1[0:]", 1.6e9, 6.1))]
+    results = {"method": "esta", "task": "chat.jsonl", "train": {"steps": 3, "seconds": 1.0},
+               "anchors": [{"stitch_id": i, "source": s} for i, s in enumerate(sources)],
+               "deployed": [{"stitch_id": 2}], "deployment": {"stitches": rows}}
+    page = InstructionTuning.write_html(results, tmp_path).read_text()
+    names = {p["kind"]: [] for p in _embedded(page)["points"]}
+    for p in _embedded(page)["points"]:
+        names[p["kind"]].append(p["name"])
+    assert names == {"anchor": ["0.5B", "1.5B"], "stitch": ["0[:1]->1[0:]"]}
+    assert "b2ac4fa5" not in page

@@ -3,7 +3,7 @@ import torch
 from esta.families import load_family
 from esta.palette import Palette
 from esta.space import build_space
-from esta.stitching import least_squares
+from esta.stitching import drop_outliers, least_squares
 
 
 def test_least_squares_recovers_a_known_linear_map():
@@ -25,6 +25,29 @@ def test_least_squares_with_noise_beats_a_random_map():
     w, b = least_squares(x, y)
     err = (x.double() @ w.t() + b - y.double()).pow(2).mean()
     assert err < 1e-3
+
+
+def test_a_fit_without_massive_tokens_maps_the_ordinary_ones_far_better():
+    # a few tokens whose targets are 30x the others' norm and unrelated to their inputs (an LLM's "massive
+    # activations") bend a plain fit; dropping the rows over 4x the median norm recovers the ordinary tokens' map
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(600, 16, generator=g)
+    y = x @ torch.randn(16, 12, generator=g)
+    massive = torch.zeros(600, dtype=torch.bool)
+    massive[::50] = True
+    y[massive] = 30 * y.norm(dim=-1).median() * torch.nn.functional.normalize(torch.randn(12, 12, generator=g), dim=-1)
+    ordinary = ~massive
+
+    def error(xs, ys):
+        w, b = least_squares(xs, ys)
+        return float((x[ordinary].double() @ w.t() + b - y[ordinary].double()).pow(2).mean())
+
+    xk, yk, wk = drop_outliers(x, y, None, 4.0)
+    assert len(xk) == int(ordinary.sum()) and wk is None
+    assert error(xk, yk) < 1e-6 < 1e-2 < error(x, y)
+    weight = torch.ones(600)
+    assert drop_outliers(x, y, weight, 4.0)[2].shape == (int(ordinary.sum()),)
+    assert drop_outliers(x, y, None, 100.0)[0] is x  # nothing over the ratio: the rows as given
 
 
 def test_identical_anchors_with_identity_stitching_reproduce_the_anchor(vit_family, images):

@@ -69,12 +69,13 @@ class Palette(nn.Module):
 
     @torch.no_grad()
     def init_stitching(self, inputs: Any, ridge: float = 0.0, progress: bool = False,
-                       summary_weight: float = 0.0) -> None:
+                       summary_weight: float = 0.0, outliers: float = 0.0) -> None:
         """Least-squares init of every stitching layer on one calibration batch (``ridge``: see least_squares;
-        ``summary_weight``: see ``Anchor.token_weights``)."""
+        ``summary_weight``: see ``Anchor.token_weights``; ``outliers``: see ``stitching.drop_outliers``)."""
         hidden, masks = zip(*(a.hidden_states(inputs) for a in self.anchors))
         weights = [a.token_weights(h[0], summary_weight) for a, h in zip(self.anchors, hidden)]
-        init_least_squares(self.stitching, self.space, list(hidden), list(masks), ridge, progress, weights)
+        init_least_squares(self.stitching, self.space, list(hidden), list(masks), ridge, progress, weights,
+                           outliers)
 
     def end_anchor_ids(self) -> list[int | None]:
         """For every stitch, the stitch id of the anchor whose head it ends in (None for the anchors themselves)."""

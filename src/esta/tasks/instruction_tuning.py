@@ -87,6 +87,9 @@ class LMAdaptConfig(RecipeConfig):
     heldout_examples: int = 48  # records kept for perplexity (never trained on)
     # 0.01 vs 0 gave Qwen stitches ppl 18-23 vs 20-23 at init
     ls_ridge: float = 0.01  # ridge of the stitching layers' least-squares fit (see stitching.least_squares)
+    #: least-squares fit without the tokens whose end-anchor state's norm is over this many times the median
+    #: ("massive activations", see stitching.drop_outliers; 0: fit on every token but the first)
+    ls_outliers: float = 4.0
     # screening.py: ratio 1.0: a stitch that costs more than the small anchor and predicts worse is dominated; 1.5
     # kept ones that trained and deployed worse than both
     #: after least-squares init, drop stitches whose perplexity is over this many times the worst anchor's (0 or
@@ -173,7 +176,8 @@ class InstructionTuning(Task):
         cfg, t0 = self.config, time.perf_counter()
         calib = collate(self.train_set.examples[: cfg.calibration_examples], self.pad)
         palette.init_stitching({"input_ids": calib["input_ids"], "attention_mask": calib["attention_mask"]},
-                               ridge=cfg.ls_ridge, progress=cfg.progress)
+                               ridge=cfg.ls_ridge, progress=cfg.progress,
+                               outliers=cfg.ls_outliers)
         log.info("least-squares init of %d stitching layers on %d calibration tokens: %.0f s",
                  len(palette.stitching), int(calib["attention_mask"].sum()), time.perf_counter() - t0)
         self.calibration_report = {}
@@ -363,11 +367,12 @@ class InstructionTuning(Task):
     @staticmethod
     def write_html(results: dict, out: Path) -> Path:
         """``report.html``: every trained stitch's validation perplexity against its parameters."""
-        anchors = {a["stitch_id"]: a for a in results.get("anchors", [])}
+        rows = results.get("anchors", [])
+        # by size ("0.5B", "1.5B"), as the printed summary names them, not by their (cache) folders
+        anchors = dict(zip((a["stitch_id"] for a in rows), anchor_names([a["source"] for a in rows])))
         deployed = {d["stitch_id"] for d in results.get("deployed", [])}
         latency = profiled_latencies(out)
-        pts = [point("anchor" if s["stitch_id"] in anchors else "stitch",
-                     Path(anchors[s["stitch_id"]]["source"]).name if s["stitch_id"] in anchors else s["name"],
+        pts = [point("anchor" if s["stitch_id"] in anchors else "stitch", anchors.get(s["stitch_id"], s["name"]),
                      s["params"], s["validation_perplexity"], params=s["params"], updates=s["updates"],
                      importance=s["importance"], deployed=s["stitch_id"] in deployed,
                      latency_ms=latency.get(s["stitch_id"]), pair="stitches")
