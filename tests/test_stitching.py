@@ -147,3 +147,18 @@ def test_offsets_fit_position_dependent_targets_that_one_bias_cannot(vit_family,
         x, y = hidden[s.front][s.front_last + 1], hidden[s.end][s.end_first]
         err = [float((p.stitching[s.layer](x) - y).pow(2).mean()) for p in (plain, offset)]
         assert err[1] <= err[0] + 1e-6, s.name
+
+
+def test_a_language_palettes_fit_leaves_out_the_tokens_over_the_outlier_ratio(tmp_path):
+    from lm_fixtures import WORDS, save_tiny_lm
+
+    family = [save_tiny_lm(tmp_path / f"a{i}", "qwen2", *shape, seed=i)
+              for i, shape in enumerate([(32, 2, 4, 1), (64, 3, 4, 2)])]
+    ids = torch.randint(4, len(WORDS), (8, 24), generator=torch.Generator().manual_seed(3))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    fits = []
+    for outliers in (0.0, 1.0, 1e6):  # 1.0 drops every token over the median norm; 1e6 drops none
+        palette = Palette(load_family(family))
+        palette.init_stitching(inputs, ridge=0.01, outliers=outliers)
+        fits.append(torch.cat([p.detach().flatten() for p in palette.stitching.parameters()]))
+    assert not torch.allclose(fits[0], fits[1]) and torch.equal(fits[0], fits[2])
