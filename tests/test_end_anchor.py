@@ -34,6 +34,20 @@ def test_calibration_lowers_every_layers_end_feature_error_on_held_out_inputs(vi
     assert not any(p.requires_grad for p in palette.stitching.parameters())  # frozen again, as least squares left it
 
 
+def test_calibration_of_the_first_blocks_touches_only_the_layers_entering_there(vit_family):
+    torch.manual_seed(0)
+    palette = Palette(load_family(vit_family, num_labels=3), stitch_layers="per-cut").eval()
+    palette.init_stitching(_images(32, 0))
+    start = {k: [p.detach().clone() for p in layer.parameters()] for k, layer in palette.stitching.items()}
+    report = calibrate_stitching(palette, _images(64, 2), CalibrationConfig(steps=10, lr=3e-3, batch_size=16,
+                                                                            first_blocks=1))
+    entering = {k for k in palette.stitching if any(c.end_first == 1 for c in palette.space.cuts_of_layer(k))}
+    assert set(report) == entering and 0 < len(entering) < len(palette.stitching)
+    for key, layer in palette.stitching.items():
+        same = all(torch.equal(p, p0) for p, p0 in zip(layer.parameters(), start[key]))
+        assert same == (key not in entering or report[key]["after"] == report[key]["before"])
+
+
 def test_per_cut_layers_keep_the_stitches_and_give_each_cut_its_own_layer(vit_family):
     anchors = load_family(vit_family, num_labels=3)
     shared, own = Palette(anchors), Palette(anchors, stitch_layers="per-cut")

@@ -34,6 +34,9 @@ class CalibrationConfig:
     lr: float = 1e-3  # end-anchor calibration learning rate
     batch_size: int = 32  # end-anchor calibration: examples per step
     examples: int = 512  # end-anchor calibration: training examples it sees (labels unused)
+    #: end-anchor calibration only of the stitching layers whose cuts enter the end anchor at its blocks 1..N, where
+    #: least squares leaves the deepest dip (0: every layer)
+    first_blocks: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -41,6 +44,8 @@ class CalibrationConfig:
     def check(self) -> None:
         if self.steps < 0:
             raise EstaError(f"calibration steps must be >= 0, got {self.steps}")
+        if self.first_blocks < 0:
+            raise EstaError(f"calibration's first blocks must be >= 0, got {self.first_blocks}")
         if self.steps and (self.batch_size < 1 or self.examples < 1):
             raise EstaError(f"calibration needs a batch size and examples >= 1, got {self.batch_size} and "
                             f"{self.examples}")
@@ -113,8 +118,9 @@ def calibrate_stitching(palette, inputs: Any, config: CalibrationConfig, seed: i
     cache = _Cache(palette, inputs)
     n = batch_len(inputs)
     generator = torch.Generator().manual_seed(seed)
-    for key in tqdm(list(palette.stitching.keys()), desc="calibrating stitching layers", disable=not progress,
-                    leave=False):
+    keys = [k for k in palette.stitching.keys() if not config.first_blocks
+            or any(1 <= c.end_first <= config.first_blocks for c in palette.space.cuts_of_layer(k))]
+    for key in tqdm(keys, desc="calibrating stitching layers", disable=not progress, leave=False):
         layer = palette.stitching[key]
         cuts = palette.space.cuts_of_layer(key)
         before = layer_error(palette, key, inputs, cache)
