@@ -7,6 +7,7 @@ import torch
 
 from esta.calibration import CalibrationConfig, calibrate_stitching, layer_error
 from esta.distillation import distillation_term
+from esta.errors import EstaError
 from esta.families import load_family
 from esta.pairs import describe, pair_curves
 from esta.palette import Palette
@@ -46,6 +47,21 @@ def test_calibration_of_the_first_blocks_touches_only_the_layers_entering_there(
     for key, layer in palette.stitching.items():
         same = all(torch.equal(p, p0) for p, p0 in zip(layer.parameters(), start[key]))
         assert same == (key not in entering or report[key]["after"] == report[key]["before"])
+
+
+def test_calibration_of_named_layers_touches_only_those(vit_family):
+    torch.manual_seed(0)
+    palette = Palette(load_family(vit_family, num_labels=3), stitch_layers="per-cut").eval()
+    palette.init_stitching(_images(32, 0))
+    start = {k: [p.detach().clone() for p in layer.parameters()] for k, layer in palette.stitching.items()}
+    chosen = list(palette.stitching)[1]
+    report = calibrate_stitching(palette, _images(64, 2), CalibrationConfig(steps=10, lr=3e-3, batch_size=16),
+                                 keys=[chosen])
+    assert set(report) == {chosen} and report[chosen]["after"] < report[chosen]["before"]
+    for key, layer in palette.stitching.items():
+        assert all(torch.equal(p, p0) for p, p0 in zip(layer.parameters(), start[key])) == (key != chosen)
+    with pytest.raises(EstaError, match="no stitching layer named 'nope'"):
+        calibrate_stitching(palette, _images(8, 2), CalibrationConfig(steps=1), keys=["nope"])
 
 
 def test_per_cut_layers_keep_the_stitches_and_give_each_cut_its_own_layer(vit_family):

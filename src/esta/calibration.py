@@ -106,9 +106,10 @@ def layer_error(palette, key: str, inputs: Any, cache: _Cache | None = None) -> 
 
 
 def calibrate_stitching(palette, inputs: Any, config: CalibrationConfig, seed: int = 0,
-                        progress: bool = False) -> dict[str, dict[str, float]]:
-    """Tune every stitching layer of ``palette`` towards its end anchor's final features on ``inputs`` (in place;
-    the anchors stay frozen). Returns each layer's end-feature error before and after (on ``inputs``)."""
+                        progress: bool = False, keys: list[str] | None = None) -> dict[str, dict[str, float]]:
+    """Tune every stitching layer of ``palette`` (or only those named in ``keys``) towards its end anchor's final
+    features on ``inputs`` (in place; the anchors stay frozen). Returns each layer's end-feature error before and
+    after (on ``inputs``)."""
     config.check()
     report: dict[str, dict[str, float]] = {}
     if not config.steps or not len(palette.stitching):
@@ -118,8 +119,12 @@ def calibrate_stitching(palette, inputs: Any, config: CalibrationConfig, seed: i
     cache = _Cache(palette, inputs)
     n = batch_len(inputs)
     generator = torch.Generator().manual_seed(seed)
-    keys = [k for k in palette.stitching.keys() if not config.first_blocks
-            or any(1 <= c.end_first <= config.first_blocks for c in palette.space.cuts_of_layer(k))]
+    unknown = sorted(set(keys or ()) - set(palette.stitching.keys()))
+    if unknown:
+        raise EstaError(f"no stitching layer named {unknown[0]!r} in this palette")
+    keys = [k for k in palette.stitching.keys() if (keys is None or k in keys) and (
+            not config.first_blocks or any(1 <= c.end_first <= config.first_blocks
+                                           for c in palette.space.cuts_of_layer(k)))]
     for key in tqdm(keys, desc="calibrating stitching layers", disable=not progress, leave=False):
         layer = palette.stitching[key]
         cuts = palette.space.cuts_of_layer(key)
