@@ -3,10 +3,11 @@
 Causal attention: the first token sees only itself, so an anchor's hidden state there depends on that one token.
 From its 2nd-5th block on, Qwen2.5's first token carries "massive activations" (the attention sink) that the blocks
 after it lean on, and a linear stitching layer fitted without that token (as least squares is) cannot produce them.
-This script fits the stitching layers as ``esta lm-train`` does (one per cut, ``--ls-outliers``), then scores every
-stitch on the screening records (chat-formatted training records, whole text) twice: as fitted, and with the
-stitching layer's output at position 0 replaced by the end anchor's own state at the cut for the chat template's
-first token (a constant vector per layer). Printed: the median, how many cuts start at or below the worse anchor
+This script fits the stitching layers as ``esta lm-train --stitch-first-token`` does (one per cut,
+``--ls-outliers``), then scores every stitch on the screening records (chat-formatted training records, whole text)
+twice: without the first-token state, and with it (the stitching layer's output at position 0 replaced by the end
+anchor's own state at the cut, averaged over the calibration records' first tokens: all the chat template's
+``<|im_start|>``, so one exact vector per layer). Printed: the median, how many cuts start at or below the worse anchor
 (what screening keeps), Spearman(parameters, perplexity) over the cuts, and the cuts of 1.0-1.3 B parameters.
 
 Run: ``python benchmarks/llm_first_token_state.py [--anchors SMALL LARGE] [--data RECORDS]`` (about 12 min for the
@@ -46,7 +47,6 @@ def main() -> None:
     ap.add_argument("--anchors", nargs=2, help="small and large causal LM (default: esta's built-in Qwen pair)")
     ap.add_argument("--data", default="sharegpt", help="instruction records (default: built-in ShareGPT)")
     ap.add_argument("--ls-outliers", type=float, default=4.0)
-    ap.add_argument("--first-token", default="<|im_start|>", help="the token whose end-anchor state is used")
     ap.add_argument("--json", help="also write every stitch's two perplexities here")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     args = ap.parse_args()
@@ -55,29 +55,15 @@ def main() -> None:
                            mc_examples=0, progress=False).with_builtin_sources()
     task = InstructionTuning(config)
     task.load("validation")
-    palette = Palette(task.anchors, stitch_layers="per-cut").eval()
+    palette = Palette(task.anchors, stitch_layers="per-cut", first_token_state=True).eval()
     task.fit_stitching(palette)
-    params = [c.params for c in count_costs(palette, task.cost_input())]
-    token = task.tokenizer.convert_tokens_to_ids(args.first_token)
-    one = {"input_ids": torch.tensor([[token]]), "attention_mask": torch.ones(1, 1, dtype=torch.long)}
-    with torch.no_grad():
-        first = [a.hidden_states(one)[0] for a in palette.anchors]  # per anchor, per block: [1, 1, width]
-    state = {"on": False}
-
-    def replace_first(vector: torch.Tensor):
-        def hook(module, inputs, out):
-            if state["on"]:
-                out = out.clone()
-                out[:, 0] = vector.to(out.dtype)
-                return out
-        return hook
-
-    for key, layer in palette.stitching.items():
-        cut = palette.space.cuts_of_layer(key)[0]
-        layer.register_forward_hook(replace_first(first[cut.end][cut.end_first][0, 0]))
+    params = [c.params for c in count_costs(palette, task.cost_input(), progress=False)]
+    states = {key: layer.first_state for key, layer in palette.stitching.items()}  # set by the fit (--stitch-first-token)
     perplexities = {}
     for on in (False, True):
-        state["on"], t0 = on, time.perf_counter()
+        for key, layer in palette.stitching.items():
+            layer.first_state = states[key] if on else None
+        t0 = time.perf_counter()
         task.before_pst(palette, params)
         perplexities[on] = [math.exp(v) for v in task.screening.losses]
         print(f"screened {'with' if on else 'without'} the first-token state in {time.perf_counter() - t0:.0f} s")

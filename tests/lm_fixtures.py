@@ -37,7 +37,7 @@ def save_tiny_lm(folder: Path, kind: str = "llama", width: int = 32, depth: int 
     return str(folder)
 
 
-def trained_looking_lm_palette(folder: Path, kind: str = "llama"):
+def trained_looking_lm_palette(folder: Path, kind: str = "llama", first_token_state: bool = False):
     """A palette of two tiny LMs (other widths, depths and GQA groups) with fitted stitching layers and PST whose
     adapters are nonzero, as after training (merging must carry them into what is deployed); in eval mode."""
     from helpers import perturb_adapters
@@ -48,7 +48,7 @@ def trained_looking_lm_palette(folder: Path, kind: str = "llama"):
 
     shapes = {"llama": [(32, 3, 4, 2), (48, 4, 6, 3)], "qwen2": [(32, 2, 4, 1), (64, 3, 4, 2)]}[kind]
     family = [save_tiny_lm(folder / f"anchor{i}", kind, *shape, seed=i) for i, shape in enumerate(shapes)]
-    palette = Palette(load_family(family))
+    palette = Palette(load_family(family), first_token_state=first_token_state)
     ids = torch.randint(4, len(WORDS), (4, 9), generator=torch.Generator().manual_seed(5))
     palette.init_stitching({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
     palette.apply_pst(PSTConfig())

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from .errors import EstaError
 from .space import Stitch
+from .stitching import with_first_state
 
 
 @dataclass
@@ -79,6 +80,7 @@ def end_features(palette, stitch: Stitch, h_front: torch.Tensor, inputs: Any, la
     layer = layer if layer is not None else palette.stitching[stitch.layer]
     h = layer(h_front)
     ctx = end.context(inputs, h, stitch.end_first)
+    h = with_first_state(layer, h, ctx)
     for i in range(stitch.end_first, end.depth):
         h = end.block(i, h, ctx)
     return end.head_features(h)

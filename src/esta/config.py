@@ -48,6 +48,9 @@ class RecipeConfig:
     #: stitching layers with an offset per token position where the family has fixed positions (ViT; ours;
     #: measured in esta.stitching); ignored by families without fixed positions (LLMs)
     stitch_offsets: bool = True
+    #: stitching layers that give the first token the end anchor's own state at the cut (its attention sink; causal
+    #: LMs; ours; measured in docs/llm.md); ignored by vision families
+    stitch_first_token: bool = False
     #: end-anchor calibration of the stitching layers after least squares (ours; steps=0: off)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     pst: PSTConfig = field(default_factory=PSTConfig)

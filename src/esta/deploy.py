@@ -75,7 +75,8 @@ def stitch_dict(s: Stitch) -> dict:
 def _plain_layer(src: nn.Module, stitch: int, dtype: torch.dtype) -> StitchingLayer:
     """A palette's (maybe PST-wrapped) stitching layer as a plain one with the stitch's update and bias merged."""
     base = src.base if isinstance(src, StitchLinear) else src
-    layer = StitchingLayer(src.in_features, src.out_features, getattr(base, "tokens", 0), dtype=dtype)
+    layer = StitchingLayer(src.in_features, src.out_features, getattr(base, "tokens", 0),
+                           getattr(base, "first_state", None) is not None, dtype=dtype)
     _load_plain(layer, src, stitch)
     return layer.eval()
 
@@ -84,6 +85,8 @@ def _layer_shape(layer: StitchingLayer | None) -> list[int] | None:
     """[in, out] or, with per-position offsets, [in, out, positions] (what ``StitchingLayer(*shape)`` takes)."""
     if layer is None:
         return None
+    if getattr(layer, "first_state", None) is not None:  # [in, out, positions, 1]: with a first-token state
+        return [layer.in_features, layer.out_features, getattr(layer, "tokens", 0), 1]
     return [layer.in_features, layer.out_features] + ([layer.tokens] if getattr(layer, "tokens", 0) else [])
 
 

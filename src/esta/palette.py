@@ -11,7 +11,7 @@ from .errors import EstaError
 from .families.base import Anchor
 from .pst import ActiveStitch, PSTConfig, StitchLinear, wrap_linears
 from .space import Stitch, StitchSpace, build_space
-from .stitching import init_least_squares, make_stitching_layers
+from .stitching import init_least_squares, make_stitching_layers, with_first_state
 
 
 def run_stitch(parts: Sequence[Anchor], layers: Sequence[nn.Module], stitch: Stitch, inputs: Any) -> torch.Tensor:
@@ -27,6 +27,7 @@ def run_stitch(parts: Sequence[Anchor], layers: Sequence[nn.Module], stitch: Sti
         if k:
             h = layers[k - 1](h)
             ctx = part.context(inputs, h, first)  # each anchor keeps its own masks / rotary tables / cache
+            h = with_first_state(layers[k - 1], h, ctx)
         for i in range(first, part.depth if last is None else last + 1):
             h = part.block(i, h, ctx)
     return parts[-1].head(h, ctx)
@@ -40,7 +41,8 @@ class Palette(nn.Module):
 
     def __init__(self, anchors: list[Anchor], space: StitchSpace | None = None, *, kernel: int = 2,
                  stride: int = 1, pairing: str = "nearest", two_way: bool = False,
-                 stitch_layers: str = "per-window", stitch_offsets: bool = False) -> None:
+                 stitch_layers: str = "per-window", stitch_offsets: bool = False,
+                 first_token_state: bool = False) -> None:
         super().__init__()
         if len(anchors) < 2:
             raise EstaError(f"a palette needs two or more anchors, got {len(anchors)}")
@@ -53,7 +55,9 @@ class Palette(nn.Module):
         dtype = next(anchors[0].blocks.parameters()).dtype
         # an offset per token position (ours) only where every input has the same positions (ViT, not LLMs)
         tokens = anchors[0].fixed_tokens if stitch_offsets else 0
-        self.stitching = make_stitching_layers(self.space, [a.width for a in anchors], dtype, tokens)
+        # a first-token state (ours) only where the first token is an attention sink: causal LMs
+        first = first_token_state and anchors[0].modality == "text"
+        self.stitching = make_stitching_layers(self.space, [a.width for a in anchors], dtype, tokens, first)
         self.stitching.requires_grad_(False)
         self.active = ActiveStitch()
         self.pst: PSTConfig | None = None

@@ -227,6 +227,8 @@ def plain_state_dict(module: nn.Module, stitch: int) -> dict[str, torch.Tensor]:
         out[f"{name}.bias" if name else "bias"] = b.detach().clone()
         if getattr(m.base, "offset", None) is not None:  # a stitching layer's per-position offset, as it is
             out[f"{name}.offset" if name else "offset"] = m.base.offset.detach().clone()
+        if getattr(m.base, "first_state", None) is not None:  # a stitching layer's first-token state, as it is
+            out[f"{name}.first_state" if name else "first_state"] = m.base.first_state.detach().clone()
     inside = tuple(f"{n}." for n in wrapped if n) if "" not in wrapped else ("",)
     for key, value in module.state_dict().items():
         if not key.startswith(inside):

@@ -52,7 +52,8 @@ def load_run(run_dir: str | Path, with_data: bool = False, deploy_by: str = "val
     else:
         task.anchors = task.load_anchors(num_labels=len(info["classes"]) if "classes" in info else None)
     palette = Palette(task.anchors, kernel=cfg.kernel, stride=cfg.stride, pairing=cfg.pairing, two_way=cfg.two_way,
-                      stitch_layers=cfg.stitch_layers, stitch_offsets=cfg.stitch_offsets)
+                      stitch_layers=cfg.stitch_layers, stitch_offsets=cfg.stitch_offsets,
+                      first_token_state=cfg.stitch_first_token)
     palette.apply_pst(get_method(cfg.method).pst(cfg.pst))
     meta = load_adaptation(run_dir / "checkpoint", palette)
     info["step"], info["total_steps"] = meta["step"], meta.get("total_steps", meta["step"])
@@ -177,6 +178,7 @@ def save_run_palette(run_dir: str | Path, out_dir: str | Path | None = None) -> 
     space_args = {k: cfg[k] for k in ("kernel", "stride", "pairing", "two_way")}
     space_args["stitch_layers"] = cfg.get("stitch_layers", "per-window")  # runs of esta <= 0.1 had no choice
     space_args["stitch_offsets"] = cfg.get("stitch_offsets", False)
+    space_args["first_token_state"] = cfg.get("stitch_first_token", False)
     if "classes" in info:
         accuracy = {s["id"]: s.get("accuracy") for s in results.get("stitches", [])}
         rows = [{"flops": float(f), "params": int(p), "accuracy": accuracy.get(i), "updates": info["updates"][i]}
