@@ -70,3 +70,22 @@ def test_screening_drops_the_stitches_a_broken_stitching_layer_ruins_and_keeps_t
 def test_screening_refuses_a_ratio_below_one(palette):
     with pytest.raises(EstaError, match="ratio"):
         screen_stitches(palette, batches(palette, 1), lm_loss, ratio=0.5)
+
+
+def test_keeping_the_best_per_budget_group_keeps_the_lowest_screening_losses_and_every_anchor(palette):
+    from esta.importance import budget_groups
+    from esta.screening import best_per_group
+
+    s = screen_stitches(palette, batches(palette), lm_loss, ratio=1e6)
+    s.losses = [float(x) for x in torch.rand(len(palette), generator=torch.Generator().manual_seed(3))]  # distinct
+    anchors = palette.space.anchor_ids()
+    groups = budget_groups([float(i) for i in range(len(palette))], 3)  # any grouping of the ids will do
+    capped = best_per_group(s, groups, 1, anchors)
+    assert capped.per_group == 1 and set(anchors) <= set(capped.kept)
+    assert sorted(capped.kept + capped.dropped) == list(range(len(palette)))
+    for group in groups:
+        others = [x for x in group if x not in anchors]
+        assert [x for x in capped.kept if x in others] == ([min(others, key=lambda x: s.losses[x])] if others else [])
+    assert best_per_group(s, groups, len(palette), anchors).kept == s.kept  # a cap above every group's size: no-op
+    with pytest.raises(EstaError, match="at least 1"):
+        best_per_group(s, groups, 0, anchors)

@@ -30,7 +30,7 @@ from ..evaluate import spearman
 from ..families import anchor_names, load_family
 from ..files import write_json
 from ..html_report import point, profiled_latencies, report_curves, write_html_report
-from ..importance import SamplingConfig
+from ..importance import SamplingConfig, budget_groups
 from ..instruct import (
     build_dataset,
     collate,
@@ -51,7 +51,7 @@ from ..pairs import describe, pair_curves
 from ..palette import Palette
 from ..report import plot_lm
 from ..results import PERPLEXITY, Point, run_results
-from ..screening import screen_stitches
+from ..screening import best_per_group, screen_stitches
 from ..selection import choose
 from ..train import TrainConfig, peak_rss_mb
 from .base import Task
@@ -96,6 +96,9 @@ class LMAdaptConfig(RecipeConfig):
     #: after least-squares init, drop stitches whose perplexity is over this many times the worst anchor's (0 or
     #: none: keep all)
     screen_ratio: float | None = 1.0
+    #: after screening, train only the best N stitches of each budget group (by screening loss) besides the anchors,
+    #: so each gets more updates (0: every stitch that passes screening)
+    screen_per_group: int = 0
     # 8 x 128 tokens cost what 4 x 256 do, and rank over more varied text
     screen_examples: int = 8  # training records the screening runs on (after the calibration ones)
     screen_tokens: int = 128  # screening: each record cut to this many tokens
@@ -127,6 +130,10 @@ class LMAdaptConfig(RecipeConfig):
         super().check()
         if self.dtype not in ("bfloat16", "float16", "float32"):
             raise EstaError(f"dtype must be bfloat16, float16 or float32, got {self.dtype!r}")
+        if self.screen_per_group < 0:
+            raise EstaError(f"--screen-per-group must be 0 (no cap) or more, got {self.screen_per_group}")
+        if self.screen_per_group and not self.screen_ratio:
+            raise EstaError("--screen-per-group ranks stitches by their screening loss: it needs --screen-ratio")
         if self.deploy_by == "loss":
             raise EstaError("deploy_by must be 'validation' or 'importance' for instruction tuning")
         for name, v in (("max_length", self.max_length), ("held-out examples", self.heldout_examples),
@@ -212,6 +219,10 @@ class InstructionTuning(Task):
         # stitches on those dropped good ones at random (measured)
         batches = [whole_text(collate(examples[i:i + 2], self.pad)) for i in range(0, len(examples), 2)]
         self.screening = screen_stitches(palette, batches, lm_loss, cfg.screen_ratio, cfg.progress)
+        if cfg.screen_per_group:
+            sampling = cfg.train.sampling
+            groups = budget_groups(self.axis.of(costs), sampling.groups, sampling.spacing)
+            self.screening = best_per_group(self.screening, groups, cfg.screen_per_group, palette.space.anchor_ids())
         self.screening_info = self.screening.to_dict(palette)
         log.info("screened %d stitches on %d records: kept %d (%.0f s)", len(palette), len(examples),
                  len(self.screening.kept), time.perf_counter() - t0)
