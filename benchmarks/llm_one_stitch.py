@@ -66,9 +66,7 @@ def main() -> None:
     t0 = time.perf_counter()
     task = InstructionTuning(config)
     task.load(config.deploy_rule())
-    palette = Palette(task.anchors, kernel=config.kernel, stride=config.stride, pairing=config.pairing,
-                      two_way=config.two_way, stitch_layers=config.stitch_layers, stitch_offsets=config.stitch_offsets,
-                      first_token_state=config.stitch_first_token)
+    palette = Palette.from_config(task.anchors, config)
     task.fit_stitching(palette)
     by_name = {s.name: s for s in palette.space.stitches}
     if args.stitch not in by_name or by_name[args.stitch].is_anchor:

@@ -82,7 +82,8 @@ def _plain_layer(src: nn.Module, stitch: int, dtype: torch.dtype) -> StitchingLa
 
 
 def _layer_shape(layer: StitchingLayer | None) -> list[int] | None:
-    """[in, out] or, with per-position offsets, [in, out, positions] (what ``StitchingLayer(*shape)`` takes)."""
+    """What ``StitchingLayer(*shape)`` takes: [in, out]; with per-position offsets [in, out, positions]; with a
+    first-token state [in, out, positions, 1] (positions 0 for language models)."""
     if layer is None:
         return None
     if getattr(layer, "first_state", None) is not None:  # [in, out, positions, 1]: with a first-token state

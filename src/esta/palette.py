@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -12,6 +12,9 @@ from .families.base import Anchor
 from .pst import ActiveStitch, PSTConfig, StitchLinear, wrap_linears
 from .space import Stitch, StitchSpace, build_space
 from .stitching import init_least_squares, make_stitching_layers, with_first_state
+
+if TYPE_CHECKING:
+    from .config import RecipeConfig
 
 
 def run_stitch(parts: Sequence[Anchor], layers: Sequence[nn.Module], stitch: Stitch, inputs: Any) -> torch.Tensor:
@@ -61,6 +64,14 @@ class Palette(nn.Module):
         self.stitching.requires_grad_(False)
         self.active = ActiveStitch()
         self.pst: PSTConfig | None = None
+
+    @classmethod
+    def from_config(cls, anchors: list[Anchor], config: "RecipeConfig") -> "Palette":
+        """The palette a run's config describes (its stitch space and stitching layers), with no weights fitted:
+        one place that reads those settings, for training, reloading a run and the benchmarks alike."""
+        return cls(anchors, kernel=config.kernel, stride=config.stride, pairing=config.pairing,
+                   two_way=config.two_way, stitch_layers=config.stitch_layers, stitch_offsets=config.stitch_offsets,
+                   first_token_state=config.stitch_first_token)
 
     def __len__(self) -> int:
         return len(self.space)

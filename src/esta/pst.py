@@ -225,10 +225,9 @@ def plain_state_dict(module: nn.Module, stitch: int) -> dict[str, torch.Tensor]:
         w, b = m.merged(stitch)
         out[f"{name}.weight" if name else "weight"] = w.detach().clone()
         out[f"{name}.bias" if name else "bias"] = b.detach().clone()
-        if getattr(m.base, "offset", None) is not None:  # a stitching layer's per-position offset, as it is
-            out[f"{name}.offset" if name else "offset"] = m.base.offset.detach().clone()
-        if getattr(m.base, "first_state", None) is not None:  # a stitching layer's first-token state, as it is
-            out[f"{name}.first_state" if name else "first_state"] = m.base.first_state.detach().clone()
+        for extra in ("offset", "first_state"):  # a stitching layer's per-position offset / first-token state
+            if getattr(m.base, extra, None) is not None:
+                out[f"{name}.{extra}" if name else extra] = getattr(m.base, extra).detach().clone()
     inside = tuple(f"{n}." for n in wrapped if n) if "" not in wrapped else ("",)
     for key, value in module.state_dict().items():
         if not key.startswith(inside):

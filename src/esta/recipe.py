@@ -101,9 +101,7 @@ def _run(config: RecipeConfig, task, out: Path) -> dict:
     task.load(deploy_by)
 
     # 2. the palette: stitching layers fitted by least squares, costs counted on the plain layers, then PST
-    palette = Palette(task.anchors, kernel=config.kernel, stride=config.stride, pairing=config.pairing,
-                      two_way=config.two_way, stitch_layers=config.stitch_layers,
-                      stitch_offsets=config.stitch_offsets, first_token_state=config.stitch_first_token)
+    palette = Palette.from_config(task.anchors, config)
     task.fit_stitching(palette)
     costs = count_costs(palette, task.cost_input(), progress=config.progress)
     cost = task.axis.of(costs)

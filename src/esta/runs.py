@@ -51,9 +51,7 @@ def load_run(run_dir: str | Path, with_data: bool = False, deploy_by: str = "val
         task.load(deploy_by)
     else:
         task.anchors = task.load_anchors(num_labels=len(info["classes"]) if "classes" in info else None)
-    palette = Palette(task.anchors, kernel=cfg.kernel, stride=cfg.stride, pairing=cfg.pairing, two_way=cfg.two_way,
-                      stitch_layers=cfg.stitch_layers, stitch_offsets=cfg.stitch_offsets,
-                      first_token_state=cfg.stitch_first_token)
+    palette = Palette.from_config(task.anchors, cfg)
     palette.apply_pst(get_method(cfg.method).pst(cfg.pst))
     meta = load_adaptation(run_dir / "checkpoint", palette)
     info["step"], info["total_steps"] = meta["step"], meta.get("total_steps", meta["step"])

@@ -84,7 +84,8 @@ def best_per_group(screening: Screening, groups: list[list[int]], k: int, anchor
         raise EstaError(f"stitches kept per budget group must be at least 1, got {k}")
     kept = set(anchors)
     for group in groups:
-        ranked = sorted((s for s in group if s in screening.kept and s not in anchors), key=lambda s: screening.losses[s])
+        ranked = sorted((s for s in group if s in screening.kept and s not in anchors),
+                        key=lambda s: screening.losses[s])
         kept.update(ranked[:k])
     capped = [s for s in screening.kept if s not in kept]
     if capped:
