@@ -6,11 +6,13 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from .errors import EstaError
 from .families.base import Anchor
 from .pst import ActiveStitch, PSTConfig, StitchLinear, wrap_linears
 from .space import Stitch, StitchSpace, build_space
+from .stitch_fit import NormalEquations
 from .stitching import init_least_squares, make_stitching_layers, with_first_state
 
 if TYPE_CHECKING:
@@ -91,6 +93,17 @@ class Palette(nn.Module):
         weights = [a.token_weights(h[0], summary_weight) for a, h in zip(self.anchors, hidden)]
         init_least_squares(self.stitching, self.space, list(hidden), list(masks), ridge, progress, weights,
                            outliers)
+
+    @torch.no_grad()
+    def init_stitching_batches(self, batches: Sequence[Any], ridge: float = 0.0, progress: bool = False,
+                               outliers: float = 0.0) -> None:
+        """``init_stitching`` summed over several calibration batches (``stitch_fit``): as many calibration tokens
+        as wanted, one batch of hidden states in memory at a time. Language families (no offsets, no weights)."""
+        fit = NormalEquations(self.stitching, self.space, outliers)
+        for inputs in tqdm(batches, desc="least-squares init", disable=not progress, leave=False):
+            hidden, masks = zip(*(a.hidden_states(inputs) for a in self.anchors))
+            fit.add(list(hidden), list(masks))
+        fit.solve(ridge)
 
     def end_anchor_ids(self) -> list[int | None]:
         """For every stitch, the stitch id of the anchor whose head it ends in (None for the anchors themselves)."""

@@ -182,12 +182,14 @@ class InstructionTuning(Task):
 
     def fit_stitching(self, palette: Palette) -> None:
         cfg, t0 = self.config, time.perf_counter()
-        calib = collate(self.train_set.examples[: cfg.calibration_examples], self.pad)
-        palette.init_stitching({"input_ids": calib["input_ids"], "attention_mask": calib["attention_mask"]},
-                               ridge=cfg.ls_ridge, progress=cfg.progress,
-                               outliers=cfg.ls_outliers)
+        # the fit is summed batch by batch (stitch_fit), so calibration records cost time, not memory
+        records = self.train_set.examples[: cfg.calibration_examples]
+        calib = [collate(records[i:i + 4], self.pad) for i in range(0, len(records), 4)]
+        palette.init_stitching_batches([{"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}
+                                        for b in calib], ridge=cfg.ls_ridge, progress=cfg.progress,
+                                       outliers=cfg.ls_outliers)
         log.info("least-squares init of %d stitching layers on %d calibration tokens: %.0f s",
-                 len(palette.stitching), int(calib["attention_mask"].sum()), time.perf_counter() - t0)
+                 len(palette.stitching), sum(int(b["attention_mask"].sum()) for b in calib), time.perf_counter() - t0)
         self.calibration_report = {}
         if cfg.calibration.steps and not cfg.resume:  # a resumed run's checkpoint holds the layers
             t1 = time.perf_counter()
@@ -203,7 +205,7 @@ class InstructionTuning(Task):
                      "-> %.3f on average)", len(layers), self.calibration_report["seconds"],
                      sum(v["before"] for v in layers.values()) / len(layers),
                      sum(v["after"] for v in layers.values()) / len(layers))
-        self.one = {"input_ids": calib["input_ids"][:1, :32], "attention_mask": calib["attention_mask"][:1, :32]}
+        self.one = {"input_ids": calib[0]["input_ids"][:1, :32], "attention_mask": calib[0]["attention_mask"][:1, :32]}
 
     def cost_input(self) -> dict:
         return self.one
