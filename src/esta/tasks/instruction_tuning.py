@@ -71,7 +71,7 @@ class LMAdaptConfig(RecipeConfig):
     data: str = ""  # Alpaca or ShareGPT-style .json/.jsonl records (esta lm-train: or sharegpt, built in)
     out_dir: str = "runs/llm"  # output folder
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        steps=300, batch_size=2, lr=2e-4, warmup_steps=10, checkpoint_every=50,
+        steps=300, batch_size=2, lr=2e-4, warmup_steps=10, checkpoint_every=50, distill=0.5,
         # no scoring batch: with the LM head frozen every trainable tensor on a path starts at 0 (LoRA's B, biases)
         # or gets no gradient (LoRA's A), so it would score every stitch 0, at ~3 s a stitch for the Qwen pair
         score_init_batch=False, sampling=SamplingConfig(groups=6)))
@@ -80,7 +80,11 @@ class LMAdaptConfig(RecipeConfig):
     # stitch was trained (Spearman 0.65-0.93), not its validation perplexity (-0.36-0.41), and would have deployed
     # a stitch at perplexity 23.2 instead of the 1.5B anchor (13.8).
     validation_examples: int = 12  # x <= 256 tokens: ~10 s a stitch for the Qwen pair (534-566 s for 53, measured)
-    calibration_examples: int = 64  # least-squares init of the stitching layers: 16 overfit (ppl 76-680 at init)
+    #: least-squares init of the stitching layers (summed batch by batch: stitch_fit). Qwen pair, middle cuts at init:
+    #: 64 / 128 / 256 records 9.44 / 8.76 / 8.12; 512 (~12 min here) made 4 trained stitches beat the 0.5B anchor
+    calibration_examples: int = 512
+    #: the first token's state from the end anchor (see RecipeConfig; on for language: docs/llm.md)
+    stitch_first_token: bool = True
     dtype: str = "bfloat16"  # frozen anchor weights' dtype; adapters train in float32
     max_length: int = 256  # tokens per training example
     train_examples: int | None = None  # training records (none: all but the held-out ones)
@@ -88,9 +92,9 @@ class LMAdaptConfig(RecipeConfig):
     # 0.01 vs 0 gave Qwen stitches ppl 18-23 vs 20-23 at init
     ls_ridge: float = 0.01  # ridge of the stitching layers' least-squares fit (see stitching.least_squares)
     #: least-squares fit without the tokens whose end-anchor state's norm is over this many times the median
-    #: ("massive activations", see stitching.drop_outliers; e.g. 4; 0: every token but the first, the default: on
-    #: the Qwen pair at 300 steps it let 15 more cuts into training and deployed the same networks, docs/llm.md)
-    ls_outliers: float = 0.0
+    #: ("massive activations", see stitching.drop_outliers; 0: every token but the first; with the first-token state
+    #: and 512 calibration records it is part of the recipe that put stitches between the Qwen anchors, docs/llm.md)
+    ls_outliers: float = 4.0
     # screening.py: ratio 1.0: a stitch that costs more than the small anchor and predicts worse is dominated; 1.5
     # kept ones that trained and deployed worse than both
     #: after least-squares init, drop stitches whose perplexity is over this many times the worst anchor's (0 or
@@ -98,7 +102,7 @@ class LMAdaptConfig(RecipeConfig):
     screen_ratio: float | None = 1.0
     #: after screening, train only the best N stitches of each budget group (by screening loss) besides the anchors,
     #: so each gets more updates (0: every stitch that passes screening)
-    screen_per_group: int = 0
+    screen_per_group: int = 2
     # 8 x 128 tokens cost what 4 x 256 do, and rank over more varied text
     screen_examples: int = 8  # training records the screening runs on (after the calibration ones)
     screen_tokens: int = 128  # screening: each record cut to this many tokens
