@@ -13,7 +13,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "esta"
 LAYERS: dict[str, tuple[int, set[str]]] = {
     "foundations": (0, {"__init__", "_register", "errors", "files", "provenance", "budget", "hf_config", "data",
                         "families", "instruct", "llm_sources", "distillation", "flags", "sources"}),
-    "method": (1, {"space", "routes", "stitching", "pst", "importance", "methods", "palette", "cost", "calibration", "probe",
+    "method": (1, {"space", "routes", "stitching", "stitch_fit", "pst", "importance", "methods", "palette", "cost", "calibration", "probe",
                    "screening", "train", "checkpoint", "selection", "generate"}),
     "evaluation": (1, {"evaluate", "results", "pairs", "lm_eval", "analysis"}),
     "deployment": (2, {"deploy", "hf_native", "export", "serving", "serve", "profile"}),

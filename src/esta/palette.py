@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -14,9 +14,6 @@ from .pst import ActiveStitch, PSTConfig, StitchLinear, wrap_linears
 from .space import Stitch, StitchSpace, build_space
 from .stitch_fit import NormalEquations
 from .stitching import init_least_squares, make_stitching_layers, with_first_state
-
-if TYPE_CHECKING:
-    from .config import RecipeConfig
 
 
 def run_stitch(parts: Sequence[Anchor], layers: Sequence[nn.Module], stitch: Stitch, inputs: Any) -> torch.Tensor:
@@ -68,7 +65,7 @@ class Palette(nn.Module):
         self.pst: PSTConfig | None = None
 
     @classmethod
-    def from_config(cls, anchors: list[Anchor], config: "RecipeConfig") -> "Palette":
+    def from_config(cls, anchors: list[Anchor], config: Any) -> "Palette":  # a RecipeConfig (no import: layers)
         """The palette a run's config describes (its stitch space and stitching layers), with no weights fitted:
         one place that reads those settings, for training, reloading a run and the benchmarks alike."""
         return cls(anchors, kernel=config.kernel, stride=config.stride, pairing=config.pairing,

@@ -101,7 +101,7 @@ class LMAdaptConfig(RecipeConfig):
     #: none: keep all)
     screen_ratio: float | None = 1.0
     #: after screening, train only the best N stitches of each budget group (by screening loss) besides the anchors,
-    #: so each gets more updates (0: every stitch that passes screening)
+    #: so each gets more updates (0: every stitch that passes screening; needs screening on)
     screen_per_group: int = 2
     # 8 x 128 tokens cost what 4 x 256 do, and rank over more varied text
     screen_examples: int = 8  # training records the screening runs on (after the calibration ones)
@@ -136,8 +136,6 @@ class LMAdaptConfig(RecipeConfig):
             raise EstaError(f"dtype must be bfloat16, float16 or float32, got {self.dtype!r}")
         if self.screen_per_group < 0:
             raise EstaError(f"--screen-per-group must be 0 (no cap) or more, got {self.screen_per_group}")
-        if self.screen_per_group and not self.screen_ratio:
-            raise EstaError("--screen-per-group ranks stitches by their screening loss: it needs --screen-ratio")
         if self.deploy_by == "loss":
             raise EstaError("deploy_by must be 'validation' or 'importance' for instruction tuning")
         for name, v in (("max_length", self.max_length), ("held-out examples", self.heldout_examples),
